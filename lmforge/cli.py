@@ -1,0 +1,137 @@
+"""``lmforge`` command line: a thin dispatcher, one function per subcommand.
+
+Each handler turns flags into a typed config or arguments, calls the stage's function and prints
+the result. Errors that lmforge raises on purpose are printed as one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from lmforge.config import add_arguments, from_args
+from lmforge.errors import LmforgeError
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.stage import TokenizerTrainConfig, train_tokenizer
+
+    _, summary = train_tokenizer(from_args(TokenizerTrainConfig, args))
+    summary.pop("config")
+    print(json.dumps(summary, indent=2))
+
+
+def _tokenizer_info(args: argparse.Namespace) -> None:
+    from lmforge.data.sources import texts
+    from lmforge.tokenizer.stage import describe, load_any
+
+    sample = texts(args.sample) if args.sample else ()
+    print(json.dumps(describe(load_any(args.tokenizer), sample), indent=2, ensure_ascii=False))
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.stage import load_any
+
+    text = sys.stdin.read() if args.text is None else args.text
+    ids = load_any(args.tokenizer).encode(text, allowed_special="all" if args.allow_special else ())
+    print(" ".join(map(str, ids)))
+
+
+def _tokenizer_decode(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.stage import load_any
+
+    raw = " ".join(args.ids) if args.ids else sys.stdin.read()
+    try:
+        ids = [int(x) for x in raw.replace(",", " ").split()]
+    except ValueError:
+        raise LmforgeError(f"ids: expected integers separated by spaces or commas, got {raw!r}"
+                           ) from None
+    sys.stdout.write(load_any(args.tokenizer).decode(ids) + "\n")
+
+
+def _tokenizer_export(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.stage import export_tokenizer, load_any
+
+    for path in export_tokenizer(load_any(args.tokenizer), args.format, args.out):
+        print(path)
+
+
+def _tokenizer_import(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.stage import import_tokenizer
+
+    tok = import_tokenizer(args.source, args.out)
+    print(f"{args.out}: {tok!r}")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from lmforge.quickstart import QuickstartConfig, quickstart
+
+    quickstart(from_args(QuickstartConfig, args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from lmforge.quickstart import QuickstartConfig
+    from lmforge.tokenizer.stage import TokenizerTrainConfig
+
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def command(sub: argparse._SubParsersAction, name: str, handler: Callable, help: str,
+                config: type | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        if config is not None:
+            p.add_argument("--config", help="YAML file of config fields (flags override it)")
+            add_arguments(p, config)
+        return p
+
+    tok = stages.add_parser("tokenizer", help="train, use and convert byte-level BPE tokenizers")
+    tsub = tok.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(tsub, "train", _tokenizer_train, "train a byte-level BPE tokenizer",
+            TokenizerTrainConfig)
+    p = command(tsub, "info", _tokenizer_info, "print a tokenizer's statistics")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file or HF directory")
+    p.add_argument("--sample", nargs="+", help="input SPECs to measure bytes per token on")
+    p = command(tsub, "encode", _tokenizer_encode, "print the token ids of a text")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file or HF directory")
+    p.add_argument("--text", help="text to encode (default: standard input)")
+    p.add_argument("--allow-special", action="store_true",
+                   help="read special-token strings in the text as special tokens")
+    p = command(tsub, "decode", _tokenizer_decode, "print the text of token ids")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file or HF directory")
+    p.add_argument("ids", nargs="*", help="token ids (default: standard input)")
+    p = command(tsub, "export", _tokenizer_export, "write Hugging Face or tiktoken files")
+    p.add_argument("--tokenizer", required=True, help="lmforge tokenizer file")
+    p.add_argument("--format", required=True, choices=["hf", "tiktoken"])
+    p.add_argument("--out", required=True, help="output directory")
+    p = command(tsub, "import", _tokenizer_import,
+                "convert a Hugging Face byte-level BPE (tokenizer.json or vocab.json+merges.txt)")
+    p.add_argument("--source", required=True, help="tokenizer.json, vocab.json or a directory")
+    p.add_argument("--out", required=True, help="lmforge tokenizer file to write")
+
+    command(stages, "quickstart", _quickstart,
+            "the whole pipeline on the built-in offline corpus", QuickstartConfig)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.handler(args)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Small, deterministic fixtures built inside the tests (no network, nothing from ../shared)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lmforge.data.builtin import python_src
+from lmforge.tokenizer import Tokenizer
+
+_WORDS = ["the", "model", "learns", "byte", "pair", "merges", "from", "text", "and", "code",
+          "while", "données", "naïves", "café", "日本語", "тексты", "123", "4567", "emoji",
+          "🙂👍", "tab\tend"]
+
+
+def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+    """Documents mixing prose, digits, code-like lines, non-Latin scripts and odd whitespace."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.randint(1, 8)):
+            words = rng.choices(_WORDS, k=rng.randint(1, 14))
+            sep = rng.choice([" ", "  ", " ", "\t"])
+            line = sep.join(words)
+            if rng.random() < 0.3:
+                line = "    " * rng.randint(1, 3) + f"x_{rng.randint(0, 99)} = f({line!r})"
+            lines.append(line)
+        docs.append(rng.choice(["\n", "\n\n", "\r\n"]).join(lines) + rng.choice(["", "\n", " "]))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def code_documents() -> list[str]:
+    """The first 60 standard-library files (they ship with Python: hermetic and real)."""
+    docs = []
+    for doc in python_src():
+        docs.append(doc.text)
+        if len(docs) == 60:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(code_documents: list[str]) -> list[str]:
+    return code_documents[:50] + synthetic_documents(300)
+
+
+@pytest.fixture(scope="session")
+def held_out(code_documents: list[str]) -> list[str]:
+    return code_documents[50:] + synthetic_documents(60, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus: list[str]) -> Tokenizer:
+    return Tokenizer.train(corpus, 1024, workers=1, show_progress=False)

@@ -1,0 +1,25 @@
+"""The quickstart end to end, on a small corpus of files instead of the built-in one."""
+
+from __future__ import annotations
+
+import json
+
+from lmforge.quickstart import QuickstartConfig, quickstart
+from lmforge.tokenizer import Tokenizer
+
+from .conftest import synthetic_documents
+
+
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    for i, doc in enumerate(synthetic_documents(120)):
+        (tmp_path / f"doc{i:03}.txt").write_text(doc, encoding="utf-8")
+    out = tmp_path / "run"
+    report = quickstart(QuickstartConfig(out_dir=str(out), corpus=[str(tmp_path / "*.txt")],
+                                         vocab_size=500, val_fraction=0.1, progress=False))
+    assert report["validation_lossless"] is True
+    assert report["bytes_per_token"] > 1.0
+    assert Tokenizer.load(out / "tokenizer.lmforge.json").vocab_size == 500
+    assert json.loads((out / "quickstart.json").read_text())["vocab_size"] == 500
+    assert (out / "hf" / "tokenizer.json").is_file() and (out / "tiktoken" / "tokenizer.tiktoken"
+                                                          ).is_file()
+    assert "bytes/token" in capsys.readouterr().out
