@@ -23,8 +23,14 @@ What is measured
      process pool) / ``enc.encode_ordinary_batch(docs, num_threads=2)`` (threads) /
      ``hf.encode_batch(docs, add_special_tokens=False)`` (rayon, 2 threads).
 
-   The ids of all six runs are checked to be identical; ratios are lmforge / peer throughput
+   The ids of all runs are checked to be identical; ratios are lmforge / peer throughput
    (target ≥ 1.0 against tiktoken).
+
+   lmforge is also run with the same vocabulary plus its six default special tokens (appended
+   after the last id, never allowed, so the ids do not change): ``Tokenizer.encode`` calls
+   tiktoken's ``encode``, whose special-token regex is empty when an encoding has no special
+   tokens and then matches at every position, which costs about as much as the encoding itself.
+   The benchmark's tokenizer has none (as HF's trainer is given none); real ones usually do.
 
 Running
 -------
@@ -59,7 +65,9 @@ VOCAB_SIZES = (8192, 32768)
 TRAIN_REPEATS = 3
 ENCODE_REPEATS = 5
 TRAINERS = ("ours", "hf")
-LABELS = {"ours": "lmforge", "hf": "HF tokenizers", "tiktoken": "tiktoken"}
+ENCODERS = ("ours", "ours+sp", "tiktoken", "hf")
+LABELS = {"ours": "lmforge", "ours+sp": "lmforge +6 specials", "hf": "HF tokenizers",
+          "tiktoken": "tiktoken"}
 ENCODE_MODES = ("single", "batch")
 
 Merges = list[tuple[str, str]]  # in GPT-2's byte-level alphabet, as tokenizer.json writes them
@@ -250,6 +258,15 @@ def _best_of(fn: Callable[[], list[list[int]]], repeats: int) -> tuple[float, li
     return best, ids
 
 
+def _with_default_specials(tok: Any) -> Any:
+    """``tok``'s vocabulary and merges plus lmforge's default special tokens, after the last id."""
+    from lmforge.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+    tokens = {i: t for i, t in tok.vocab.items() if i not in tok.special_tokens.values()}
+    specials = {s: tok.vocab_size + k for k, s in enumerate(DEFAULT_SPECIAL_TOKENS)}
+    return Tokenizer(tokens, tok.merges, specials, tok.pattern)
+
+
 def _encode_worker(tokenizer_path: str, repeats: str, out: Path) -> None:
     """Encode python-docs with lmforge, tiktoken and HF in every mode; write times and checks."""
     import tiktoken
@@ -266,19 +283,23 @@ def _encode_worker(tokenizer_path: str, repeats: str, out: Path) -> None:
                                              if i not in specials})
     with tempfile.TemporaryDirectory() as tmp:
         hf = HFTokenizer.from_file(str(save_hf(tok, tmp) / "tokenizer.json"))
+    tok_sp = _with_default_specials(tok)
     docs = _texts(python_docs)
-    tok.encode("warm up")  # builds lmforge's tiktoken encoder (lazily, once)
+    for t in (tok, tok_sp):
+        t.encode("warm up")  # builds lmforge's tiktoken encoder (lazily, once)
 
     # lmforge first in each mode: forking (ours' pool) after HF has used its thread pool makes
     # HF disable parallelism in the child, with a warning.
     runs: dict[str, dict[str, Callable[[], list[list[int]]]]] = {
         "single": {
             "ours": lambda: [tok.encode(d) for d in docs],
+            "ours+sp": lambda: [tok_sp.encode(d) for d in docs],
             "tiktoken": lambda: [enc.encode_ordinary(d) for d in docs],
             "hf": lambda: [hf.encode(d, add_special_tokens=False).ids for d in docs],
         },
         "batch": {
             "ours": lambda: tok.encode_batch(docs, workers=THREADS),
+            "ours+sp": lambda: tok_sp.encode_batch(docs, workers=THREADS),
             "tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=THREADS),
             "hf": lambda: [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)],
         },
@@ -306,14 +327,15 @@ def encoding_tables(result: dict[str, Any]) -> str:
     rows, ratio_rows = [], []
     for mode in ENCODE_MODES:
         secs = result["seconds"][mode]
-        for name in ("ours", "tiktoken", "hf"):
+        for name in ENCODERS:
             rows.append([mode, LABELS[name], _fmt(secs[name], 3), _fmt(mb / secs[name], 2),
                          "yes" if result["identical"][mode][name] else "NO"])
         ratio_rows.append([mode, _fmt(secs["tiktoken"] / secs["ours"], 2),
-                           _fmt(secs["hf"] / secs["ours"], 2)])
+                           _fmt(secs["hf"] / secs["ours"], 2),
+                           _fmt(secs["tiktoken"] / secs["ours+sp"], 2)])
     times = _table(["mode", "encoder", "time (s, best)", "MB/s", "ids = lmforge single"], rows)
-    ratios = _table(["mode", "throughput lmforge / tiktoken", "throughput lmforge / HF"],
-                    ratio_rows)
+    ratios = _table(["mode", "throughput lmforge / tiktoken", "throughput lmforge / HF",
+                     "lmforge +6 specials / tiktoken"], ratio_rows)
     all_same = all(all(d.values()) for d in result["identical"].values())
     return (f"{result['docs']} documents, {mb:.2f} MB, {result['tokens']} tokens, vocabulary "
             f"{result['vocab_size']}; ids identical across all encoders and modes: "

@@ -9,7 +9,9 @@ names the offending field and source when something does not fit.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -23,16 +25,15 @@ C = TypeVar("C")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default (copied if it is a list) and its help text."""
-    if isinstance(default, list | tuple):
-        items = list(default)
-        return dataclasses.field(default_factory=lambda: list(items), metadata={"help": help},
-                                 **kwargs)
+    """A dataclass field with a default (copied if it is a list or dict) and its help text."""
+    if isinstance(default, list | tuple | dict):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
+                                 metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """``value`` as type ``hint`` (int, float, str, bool, Literal, list[X], X | None)."""
+    """``value`` as type ``hint`` (int, float, str, bool, dict, Literal, list[X], X | None)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -60,6 +61,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if isinstance(value, str):  # from a flag: JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{name}: expected a JSON object, got {value!r} ({e})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -8,7 +8,7 @@ import pytest
 
 from lmforge.config import build, load_yaml
 from lmforge.data.builtin import is_validation, python_src
-from lmforge.data.sources import documents, texts
+from lmforge.data.sources import ReadOptions, documents, texts
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.stage import TokenizerTrainConfig, train_tokenizer
 
@@ -48,7 +48,7 @@ def test_invalid_utf8_strict_names_file_and_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"fine\n\xc3(")
     with pytest.raises(InputError, match=r"bad\.txt: not valid UTF-8 at byte 5"):
-        list(documents(str(path), errors="strict"))
+        list(documents(str(path), ReadOptions(utf8_errors="strict")))
 
 
 def test_builtin_corpus_is_deterministic_and_has_no_tests():

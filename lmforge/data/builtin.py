@@ -29,10 +29,12 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 @dataclass(frozen=True)
 class Document:
-    """One unit of text. ``name`` is stable across runs and is what the train/val split hashes."""
+    """One unit of text. ``name`` is stable across runs and is what the train/val split hashes.
+    ``replaced_bytes`` counts the undecodable bytes that became U+FFFD when it was read."""
 
     name: str
     text: str
+    replaced_bytes: int = 0
 
 
 def stdlib_dir() -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.config import option, to_dict
-from lmforge.data.sources import texts
+from lmforge.data.sources import ReadOptions, texts
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
 from lmforge.tokenizer.hf import load_hf, save_hf
@@ -65,7 +65,8 @@ def train_tokenizer(config: TokenizerTrainConfig, corpus: Iterable[str] | None =
     Returns the tokenizer and a summary (time, sizes) that is also written beside the file as
     ``<out>.train.json`` together with the resolved config.
     """
-    source = corpus if corpus is not None else texts(config.input, config.utf8_errors)
+    if corpus is None:
+        corpus = texts(config.input, ReadOptions(utf8_errors=config.utf8_errors))
     seen = 0
 
     def counted(docs: Iterable[str]) -> Iterable[str]:
@@ -75,7 +76,7 @@ def train_tokenizer(config: TokenizerTrainConfig, corpus: Iterable[str] | None =
             yield d
 
     start = time.perf_counter()
-    tok = Tokenizer.train(counted(source), config.vocab_size, config.special_tokens,
+    tok = Tokenizer.train(counted(corpus), config.vocab_size, config.special_tokens,
                           config.regex, config.workers or None, config.progress)
     seconds = time.perf_counter() - start
     if tok.vocab_size < config.vocab_size:

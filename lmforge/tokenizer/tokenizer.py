@@ -68,16 +68,16 @@ class Tokenizer:
         self._pieces = regex.compile(pattern)
 
     def _validate(self) -> None:
-        missing = [b for b in range(256) if bytes([b]) not in set(self._tokens.values())]
+        known = set(self._tokens.values())
+        missing = [b for b in range(256) if bytes([b]) not in known]
         if missing:
             raise TokenizerFileError(f"vocabulary lacks {len(missing)} of the 256 single-byte "
                                      f"tokens (e.g. byte {missing[0]}): not a byte-level BPE")
-        if len(set(self._tokens.values())) != len(self._tokens):
+        if len(known) != len(self._tokens):
             raise TokenizerFileError("vocabulary has the same byte string under two ids")
         clash = set(self.special_tokens.values()) & set(self._tokens)
         if clash:
             raise TokenizerFileError(f"special token ids {sorted(clash)} are also regular ids")
-        known = set(self._tokens.values())
         for i, (a, b) in enumerate(self.merges):
             if a not in known or b not in known or a + b not in known:
                 raise TokenizerFileError(f"merge #{i} ({a!r}, {b!r}) uses or makes a token that is "
@@ -158,9 +158,12 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Token ids of ``text``. Special-token strings are plain text unless allowed."""
-        ids = self._tiktoken.encode(text, allowed_special=self._allowed(allowed_special),
-                                    disallowed_special=())
-        return self._from_ranks(ids)
+        if allowed_special:
+            ids = self._tiktoken.encode(text, allowed_special=self._allowed(allowed_special),
+                                        disallowed_special=())
+        else:  # tiktoken's special-token scan costs as much as the BPE itself: skip it
+            ids = self._tiktoken.encode_ordinary(text)
+        return ids if self._rank_to_id is None else self._from_ranks(ids)
 
     def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = (),
                      workers: int | None = None) -> list[list[int]]:
@@ -170,9 +173,12 @@ class Tokenizer:
             return [self.encode(t, allowed_special) for t in texts]
         allowed = self._allowed(allowed_special)
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        chunk = max(1, len(texts) // (workers * 8))
+        # Few, large tasks: each costs a round trip, and ids travel back as compact arrays.
+        step = max(1, -(-len(texts) // (workers * 4)))
+        chunks = [(texts[i : i + step], allowed) for i in range(0, len(texts), step)]
         with mp.get_context(method).Pool(workers, _init_worker, (self,)) as pool:
-            return pool.starmap(_encode_in_worker, ((t, allowed) for t in texts), chunksize=chunk)
+            return [ids.tolist() for chunk in pool.imap(_encode_in_worker, chunks)
+                    for ids in chunk]
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """The same ids as :meth:`encode`, computed step by step in Python (slow, readable)."""
@@ -357,6 +363,7 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_in_worker(text: str, allowed: set[str]) -> list[int]:
+def _encode_in_worker(job: tuple[Sequence[str], set[str]]) -> list[np.ndarray]:
+    texts, allowed = job
     assert _WORKER_TOKENIZER is not None
-    return _WORKER_TOKENIZER.encode(text, allowed)
+    return [np.asarray(_WORKER_TOKENIZER.encode(t, allowed), dtype=np.int64) for t in texts]
