@@ -29,7 +29,10 @@ lint: setup
 	$(BIN)/ruff check lmforge tests benchmarks
 
 bench: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/tokenizer_bench.py
+	$(BIN)/python benchmarks/data_bench.py
+	$(BIN)/python benchmarks/dedup_quality.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

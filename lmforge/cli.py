@@ -66,6 +66,27 @@ def _tokenizer_import(args: argparse.Namespace) -> None:
     print(f"{args.out}: {tok!r}")
 
 
+def _data_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data.pipeline import DataConfig, prepare
+
+    manifest = prepare(from_args(DataConfig, args))
+    print(json.dumps({k: manifest[k] for k in ("num_tokens", "num_documents", "splits", "stats")},
+                     indent=2))
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from lmforge.data.manifest import summarize
+
+    print(json.dumps(summarize(args.dir), indent=2))
+
+
+def _data_merge(args: argparse.Namespace) -> None:
+    from lmforge.data.manifest import merge_manifests
+
+    merged = merge_manifests(args.dir)
+    print(json.dumps({k: merged[k] for k in ("ranks", "num_tokens", "num_documents")}, indent=2))
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import QuickstartConfig, quickstart
 
@@ -73,6 +94,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lmforge.data.pipeline import DataConfig
     from lmforge.quickstart import QuickstartConfig
     from lmforge.tokenizer.stage import TokenizerTrainConfig
 
@@ -112,6 +134,15 @@ def _parser() -> argparse.ArgumentParser:
                 "convert a Hugging Face byte-level BPE (tokenizer.json or vocab.json+merges.txt)")
     p.add_argument("--source", required=True, help="tokenizer.json, vocab.json or a directory")
     p.add_argument("--out", required=True, help="lmforge tokenizer file to write")
+
+    data = stages.add_parser("data", help="prepare token shards from raw text")
+    dsub = data.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(dsub, "prepare", _data_prepare,
+            "read, filter, deduplicate and tokenize inputs into shards", DataConfig)
+    p = command(dsub, "stats", _data_stats, "print a prepared directory's figures")
+    p.add_argument("dir", help="directory written by `lmforge data prepare`")
+    p = command(dsub, "merge", _data_merge, "merge the rank_*/ manifests of a multi-machine run")
+    p.add_argument("dir", help="the --out directory shared by all ranks")
 
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)

@@ -1,8 +1,9 @@
 """The end-to-end quickstart on the built-in offline corpus (``make quickstart``).
 
-Stage by stage, as the toolkit grows: today it trains a tokenizer on the training split of the
-built-in corpus, checks it is lossless on the validation split, measures its compression there,
-and exports it in Hugging Face and tiktoken formats.
+Stage by stage, as the toolkit grows: it trains a tokenizer on the training split of the built-in
+corpus (checking it is lossless on the validation split, measuring its compression there, and
+exporting it in Hugging Face and tiktoken formats), then runs the data pipeline (filters, dedup,
+tokenization) into token shards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from lmforge.config import option, to_dict
 from lmforge.data.builtin import is_validation
+from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.sources import documents
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
@@ -32,6 +34,7 @@ class QuickstartConfig:
     corpus: list[str] = option(["builtin:python-docs", "builtin:python-src"],
                                "input SPECs (the built-in corpora need no network)")
     vocab_size: int = option(8192, "tokenizer vocabulary size")
+    preset: str = option("code", "quality filter preset (the built-in corpus is code and docs)")
     val_fraction: float = option(0.05, "share of documents held out for validation (by name hash)")
     progress: bool = option(True, "show progress bars")
 
@@ -49,7 +52,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(to_dict(config), indent=2))
 
-    print(f"[1/2] reading {' + '.join(config.corpus)}")
+    print(f"[1/3] reading {' + '.join(config.corpus)}")
     train, val = [], []
     for spec in config.corpus:
         for doc in documents(spec):
@@ -57,7 +60,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     mb = sum(len(t.encode()) for t in train) / 1e6
     print(f"      {len(train)} training documents ({mb:.1f} MB), {len(val)} validation documents")
 
-    print(f"[2/2] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
+    print(f"[2/3] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
     tok_config = TokenizerTrainConfig(input=config.corpus, vocab_size=config.vocab_size,
                                       out=str(out / "tokenizer.lmforge.json"),
                                       progress=config.progress)
@@ -80,5 +83,21 @@ def quickstart(config: QuickstartConfig) -> dict:
           f"{stats['sample_bytes'] / 1e6:.2f} MB, round trip lossless: {lossless}")
     print(f"      longest tokens: {stats['longest_tokens'][:3]}")
     print(f"      example: {example!r}\n        → {len(ids)} tokens {pieces}")
-    print(f"done: {out}/ (tokenizer, HF and tiktoken exports, quickstart.json)")
+
+    print("[3/3] data pipeline: filters, exact + MinHash dedup, tokenization, shards")
+    manifest = prepare(DataConfig(input=config.corpus, tokenizer=summary["tokenizer"],
+                                  out=str(out / "data"), preset=config.preset,
+                                  val_fraction=config.val_fraction, progress=config.progress))
+    stats = manifest["stats"]
+    report["data"] = {k: manifest[k] for k in ("num_tokens", "num_documents", "splits")}
+    report["data"]["stats"] = stats
+    atomic_write_text(out / "quickstart.json", json.dumps(report, indent=2, ensure_ascii=False))
+    splits = manifest["splits"]
+    print(f"      {stats['input']['documents']} documents read; filters dropped "
+          f"{sum(stats['filters'].values())} {dict(stats['filters'])}; dedup removed "
+          f"{stats['dedup']['exact']} exact + {stats['dedup']['near']} near duplicates")
+    print(f"      train: {splits['train']['tokens']:,} tokens in {splits['train']['documents']} "
+          f"documents; val: {splits.get('val', {}).get('tokens', 0):,} tokens "
+          f"({len(manifest['shards'])} shards, {manifest['dtype']})")
+    print(f"done: {out}/ (tokenizer, HF and tiktoken exports, data/, quickstart.json)")
     return report

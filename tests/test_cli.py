@@ -54,3 +54,27 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     assert main(["tokenizer", "info", "--tokenizer", str(tmp_path / "junk.json")]) == 2
     assert "not an lmforge tokenizer file" in capsys.readouterr().err
+
+
+def test_data_commands(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in synthetic_documents(80)))
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--field", "body",
+                 "--vocab-size", "300", "--out", str(tok), "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    for rank in (0, 1):
+        assert main(["data", "prepare", "--input", str(corpus), "--field", "body", "--tokenizer",
+                     str(tok), "--out", str(tmp_path / "data"), "--preset", "code",
+                     "--rank", str(rank), "--world-size", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["data", "merge", str(tmp_path / "data")]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["ranks"] == 2 and merged["num_tokens"] > 0
+    assert main(["data", "stats", str(tmp_path / "data")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["num_tokens"] == merged["num_tokens"]
+    assert stats["stats"]["input"]["documents"] == 80
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(tok),
+                 "--preset", "news"]) == 2
+    assert "preset: 'news' is not one of" in capsys.readouterr().err

@@ -15,11 +15,14 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
         (tmp_path / f"doc{i:03}.txt").write_text(doc, encoding="utf-8")
     out = tmp_path / "run"
     report = quickstart(QuickstartConfig(out_dir=str(out), corpus=[str(tmp_path / "*.txt")],
-                                         vocab_size=500, val_fraction=0.1, progress=False))
+                                         vocab_size=500, val_fraction=0.1, progress=False,
+                                         preset="code"))
     assert report["validation_lossless"] is True
     assert report["bytes_per_token"] > 1.0
     assert Tokenizer.load(out / "tokenizer.lmforge.json").vocab_size == 500
     assert json.loads((out / "quickstart.json").read_text())["vocab_size"] == 500
     assert (out / "hf" / "tokenizer.json").is_file() and (out / "tiktoken" / "tokenizer.tiktoken"
                                                           ).is_file()
+    assert report["data"]["num_tokens"] > 0 and report["data"]["splits"]["val"]["documents"]
+    assert (out / "data" / "manifest.json").is_file()
     assert "bytes/token" in capsys.readouterr().out

@@ -176,12 +176,12 @@ def _hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if len(parts) not in (2, 3) or not all(parts):
         raise InputError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    _require_hub(spec)
     try:
         import datasets
     except ImportError:
         raise InputError(f"{spec}: Hugging Face datasets need the `datasets` package "
                          "(pip install datasets)") from None
-    _require_hub(spec)
     stream = datasets.load_dataset(name, config, split=split, streaming=True)
     for i, row in enumerate(stream):
         text = _field_text(row, opts, f"{spec} row {i}")

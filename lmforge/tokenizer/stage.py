@@ -30,6 +30,8 @@ class TokenizerTrainConfig:
                                   "(builtin:python-docs, builtin:python-src)")
     vocab_size: int = option(8192, "total vocabulary: 256 bytes + merges + special tokens")
     out: str = option("tokenizer.lmforge.json", "where to write the tokenizer file")
+    field: str = option("text", "JSONL field / Parquet column holding the text")
+    separator: str | None = option(None, "split text files into documents at this string")
     pattern: str = option("gpt4", "pre-tokenization regex: gpt4 (cl100k), gpt2, or a regex")
     special_tokens: list[str] = option(list(DEFAULT_SPECIAL_TOKENS),
                                        "special tokens, never learned from text; ids after merges")
@@ -66,7 +68,8 @@ def train_tokenizer(config: TokenizerTrainConfig, corpus: Iterable[str] | None =
     ``<out>.train.json`` together with the resolved config.
     """
     if corpus is None:
-        corpus = texts(config.input, ReadOptions(utf8_errors=config.utf8_errors))
+        corpus = texts(config.input, ReadOptions(field=config.field, separator=config.separator,
+                                                 utf8_errors=config.utf8_errors))
     seen = 0
 
     def counted(docs: Iterable[str]) -> Iterable[str]:

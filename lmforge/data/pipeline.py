@@ -1,0 +1,345 @@
+"""``lmforge data prepare``: raw text → filtered, deduplicated token shards.
+
+    read SPECs → normalize → quality filters → exact + MinHash keys → tokenize     (process pool)
+              → exact dedup → near dedup (LSH) → train/val split → shards + manifest  (this process)
+
+Documents travel in chunks through a process pool; each chunk's results (filter verdicts, dedup
+keys, MinHash signatures, tokens) are cached in ``DIR/.work/``, so an interrupted run resumes
+where it stopped, and shards already written and intact are skipped. Deduplication is global (over
+this rank's documents), so it runs once every chunk is done. Scale-out: ``rank``/``world_size``
+(defaults from torchrun's ``RANK``/``WORLD_SIZE`` or Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``)
+give each machine every ``world_size``-th document; it writes ``DIR/rank_NNNNN/``, and
+``lmforge data merge DIR`` combines the rank manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lmforge.config import build, option, to_dict
+from lmforge.data.builtin import is_validation
+from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
+from lmforge.data.filters import PRESETS, apply_filters, build_filters
+from lmforge.data.manifest import load_manifest, totals, write_manifest
+from lmforge.data.shards import Shard, token_dtype, write_shard
+from lmforge.data.sources import ReadOptions, documents, parse_spec
+from lmforge.errors import ConfigError
+from lmforge.files import atomic_write_text
+from lmforge.progress import progress_bar
+from lmforge.tokenizer import ENDOFTEXT, Tokenizer
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return default
+
+
+@dataclass
+class DataConfig:
+    """How ``lmforge data prepare`` turns inputs into shards."""
+
+    input: list[str] = option([], "input SPECs: path, glob, builtin:NAME, hf:NAME[:CONFIG]:SPLIT; "
+                                  "@WEIGHT mixes (e.g. builtin:python-docs@2)")
+    tokenizer: str = option("", "tokenizer file (lmforge tokenizer train)")
+    out: str = option("data", "output directory for shards and manifest.json")
+    field: str = option("text", "JSONL field / Parquet column / dataset column holding the text")
+    separator: str | None = option(None, "split text files into documents at this string")
+    preset: str = option("web", "quality filter preset: web, prose or code")
+    filters: dict = option({}, "per-filter overrides, {filter: {field: value}} (YAML)")
+    dedup: dict = option({}, "dedup overrides: exact, near, ngram, bands, rows, seed (YAML)")
+    val_fraction: float = option(0.01, "share of documents for validation (by document hash)")
+    shard_tokens: int = option(1 << 24, "tokens per shard (shards hold whole documents)")
+    chunk_documents: int = option(512, "documents per unit of parallel work (and of resume)")
+    workers: int = option(0, "worker processes (0: one per core)")
+    utf8_errors: Literal["replace", "strict", "quarantine"] = option(
+        "replace", "invalid UTF-8: replace bad bytes (counted), stop, or drop the document")
+    strict: bool = option(False, "stop at a malformed JSONL line or missing field (else skip)")
+    rejects: bool = option(False, "write dropped documents with their reason to rejects.jsonl")
+    rank: int = option(_env_int("RANK", "SLURM_PROCID", default=0), "this machine's rank")
+    world_size: int = option(_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+                             "number of machines sharing the inputs")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("input: give at least one SPEC")
+        if not self.tokenizer:
+            raise ConfigError("tokenizer: give the tokenizer file to encode with")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: expected [0, 1), got {self.val_fraction}")
+        for name in ("shard_tokens", "chunk_documents", "world_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank: {self.rank} is outside world_size {self.world_size}")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        build_filters(self.preset, self.filters)  # rejects unknown filters / fields now
+        build(DedupConfig, ("dedup", self.dedup))
+
+    @property
+    def out_dir(self) -> Path:
+        out = Path(self.out)
+        return out / f"rank_{self.rank:05d}" if self.world_size > 1 else out
+
+
+def normalize(text: str) -> str:
+    """Unicode NFC (one spelling per character) and \\n line ends; the text is otherwise kept."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n"))
+
+
+# --- the parallel part: one chunk of documents per task -----------------------------------------
+
+_W: dict[str, Any] = {}  # per-worker state, set by _init_worker
+
+
+def _init_worker(config: DataConfig, tok: Tokenizer, work: Path) -> None:
+    dedup = build(DedupConfig, ("dedup", config.dedup))
+    _W.update(filters=build_filters(config.preset, config.filters), dedup=dedup,
+              hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT), work=work,
+              rejects=config.rejects, quarantine=config.utf8_errors == "quarantine")
+
+
+def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
+    """Filter, key, hash and tokenize one chunk; cached as ``.work/chunk_K.npz``."""
+    k, texts, replaced = job
+    cache = _W["work"] / f"chunk_{k:06d}.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    reasons, kept_texts, rejected = [], [], []
+    for text, bad in zip(texts, replaced, strict=True):
+        text = normalize(text)
+        if not text.strip():
+            reason = "empty:empty"
+        elif bad and _W["quarantine"]:
+            reason = "utf8:invalid_utf8"
+        else:
+            result = apply_filters(_W["filters"], text)
+            reason, text = (None, result.text) if result.keep else (result.reason, text)
+        reasons.append(reason or "")
+        if reason is None:
+            kept_texts.append(text)
+        elif _W["rejects"]:
+            rejected.append(text)
+    tokens = _W["tok"].encode_batch(kept_texts, workers=1) if kept_texts else []
+    out = {
+        "reasons": np.array(reasons, dtype=str),
+        "keys": np.frombuffer(b"".join(map(exact_key, kept_texts)), np.uint8).reshape(-1, 16),
+        "signatures": _signatures(kept_texts),
+        "lengths": np.array([len(t) + 1 for t in tokens], dtype=np.int64),
+        "tokens": np.concatenate([np.append(t, _W["eot"]) for t in tokens]).astype(np.uint32)
+        if tokens else np.zeros(0, np.uint32),
+        "rejected": np.array(rejected, dtype=str),
+    }
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
+    return out
+
+
+def _signatures(texts: list[str]) -> np.ndarray:
+    """(len(texts), bands·rows) MinHash signatures; width 0 when near dedup is off."""
+    dedup: DedupConfig = _W["dedup"]
+    if not dedup.near:
+        return np.zeros((len(texts), 0), np.uint32)
+    if not texts:
+        return np.zeros((0, dedup.num_perm), np.uint32)
+    return _W["hasher"].signatures(texts)
+
+
+# --- the sequential part ------------------------------------------------------------------------
+
+
+@dataclass
+class _Doc:
+    name: str
+    source: int  # index into the inputs, for mixing weights
+
+
+def _chunks(config: DataConfig, opts: ReadOptions, meta: list[_Doc], read: Counter
+            ) -> Iterator[tuple[int, list[str], list[int]]]:
+    """This rank's documents in order, as (chunk index, texts, replaced bytes); fills ``meta``
+    and the reading statistics ``read``."""
+    texts: list[str] = []
+    replaced: list[int] = []
+    k = i = 0
+    for source, spec in enumerate(config.input):
+        for doc in documents(parse_spec(spec)[0], opts):
+            if i % config.world_size == config.rank:
+                meta.append(_Doc(doc.name, source))
+                texts.append(doc.text)
+                replaced.append(doc.replaced_bytes)
+                read["documents"] += 1
+                read["replaced_bytes"] += doc.replaced_bytes
+                read["documents_with_invalid_utf8"] += doc.replaced_bytes > 0
+                if len(texts) == config.chunk_documents:
+                    yield k, texts, replaced
+                    k, texts, replaced = k + 1, [], []
+            i += 1
+    if texts:
+        yield k, texts, replaced
+
+
+def _fingerprint(config: DataConfig, tok: Tokenizer) -> str:
+    relevant = {k: v for k, v in to_dict(config).items() if k not in ("workers", "progress")}
+    relevant["tokenizer"] = tok.fingerprint
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_work_dir(out: Path, fingerprint: str) -> Path:
+    """``out/.work`` for this exact config; cached chunks of another config are discarded."""
+    work = out / ".work"
+    stamp = work / "config.sha256"
+    if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return work
+
+
+def _repeats(name: str, weight: float) -> int:
+    """How many copies of a training document a source weight asks for (fractions by hash)."""
+    whole = int(weight)
+    frac = weight - whole
+    h = int.from_bytes(hashlib.sha256(b"weight:" + name.encode()).digest()[:8], "big") / 2**64
+    return whole + (1 if h < frac else 0)
+
+
+def prepare(config: DataConfig) -> dict[str, Any]:
+    """Run the pipeline; returns the manifest (also written to ``out_dir/manifest.json``)."""
+    tok = Tokenizer.load(config.tokenizer)
+    tok.token_id(ENDOFTEXT)  # documents are separated by it: fail now if it is missing
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    read_errors = "replace" if config.utf8_errors == "quarantine" else config.utf8_errors
+    opts = ReadOptions(field=config.field, separator=config.separator, utf8_errors=read_errors,
+                       strict=config.strict)
+
+    fingerprint = _fingerprint(config, tok)
+    previous = out / "manifest.json"
+    if previous.exists() and json.loads(previous.read_text()).get("fingerprint") == fingerprint:
+        return load_manifest(out)  # already prepared with this exact config
+    work = _prepare_work_dir(out, fingerprint)
+
+    meta: list[_Doc] = []
+    read: Counter = Counter()
+    results: list[dict[str, Any]] = []
+    workers = config.workers or mp.cpu_count()
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with (progress_bar(config.progress, desc="filter+tokenize", unit="doc") as bar,
+          mp.get_context(method).Pool(workers, _init_worker, (config, tok, work)) as pool):
+        for result in pool.imap(_process_chunk, _chunks(config, opts, meta, read)):
+            results.append(result)
+            bar.update(len(result["reasons"]))
+    read.update(opts.issues)
+
+    manifest = _deduplicate_and_write(config, tok, out, meta, results)
+    manifest["stats"]["input"] = dict(read)
+    manifest["fingerprint"] = fingerprint
+    write_manifest(out, manifest)
+    shutil.rmtree(work)
+    return load_manifest(out)
+
+
+def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: list[_Doc],
+                           results: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons = np.concatenate([r["reasons"] for r in results]) if results else np.zeros(0, str)
+    kept = np.flatnonzero(reasons == "")  # document index of each filtered-in document
+    filter_drops = Counter(r.split(":")[0] for r in reasons.tolist() if r)
+    if config.rejects:
+        rejected = np.flatnonzero(reasons != "")
+        texts = [t for r in results for t in r["rejected"].tolist()]
+        lines = [json.dumps({"name": meta[i].name, "reason": str(reasons[i]), "text": t})
+                 for i, t in zip(rejected, texts, strict=True)]
+        atomic_write_text(out / "rejects.jsonl", "".join(line + "\n" for line in lines))
+
+    dedup = build(DedupConfig, ("dedup", config.dedup))
+    drop = np.zeros(len(kept), dtype=bool)
+    exact = near = 0
+    if dedup.exact and len(kept):
+        seen: set[bytes] = set()
+        for j, key in enumerate(np.concatenate([r["keys"] for r in results])):
+            digest = key.tobytes()
+            drop[j] = digest in seen
+            seen.add(digest)
+        exact = int(drop.sum())
+    if dedup.near and len(kept):
+        signatures = np.concatenate([r["signatures"] for r in results])
+        survivors = np.flatnonzero(~drop)
+        near_dup = survivors[near_duplicates(signatures[survivors], dedup.bands, dedup.rows)]
+        drop[near_dup] = True
+        near = len(near_dup)
+
+    tokens = np.concatenate([r["tokens"] for r in results]) if results else np.zeros(0, np.uint32)
+    ends = np.cumsum(np.concatenate([r["lengths"] for r in results])) if results else []
+    weights = [parse_spec(s)[1] for s in config.input]
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for j in np.flatnonzero(~drop):
+        doc = meta[kept[j]]
+        doc_tokens = tokens[(ends[j - 1] if j else 0) : ends[j]]
+        if is_validation(doc.name, config.val_fraction):
+            splits["val"].append(doc_tokens)
+        else:
+            splits["train"] += [doc_tokens] * _repeats(doc.name, weights[doc.source])
+
+    dtype = token_dtype(tok.vocab_size)
+    shards = [s for split, docs in splits.items()
+              for s in _write_shards(out, split, docs, dtype, config)]
+    return {"shards": shards, **totals(shards), "dtype": dtype.name,
+            "tokenizer": {"path": str(Path(config.tokenizer).resolve()),
+                          "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+            "stats": {"filters": dict(filter_drops), "dedup": {"exact": exact, "near": near}},
+            "config": to_dict(config)}
+
+
+def _write_shards(out: Path, split: str, docs: list[np.ndarray], dtype: np.dtype,
+                  config: DataConfig) -> list[dict[str, Any]]:
+    """Pack whole documents into shards of about ``shard_tokens``; keep intact existing ones."""
+    groups: list[list[np.ndarray]] = [[]]
+    size = 0
+    for d in docs:
+        if size >= config.shard_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(d)
+        size += len(d)
+    shards = []
+    with progress_bar(config.progress, desc=f"write {split}", total=len(groups),
+                      unit="shard") as bar:
+        for i, group in enumerate(g for g in groups if g):
+            path = out / f"{split}_{i:05d}.bin"
+            n_tokens = sum(map(len, group))
+            if not _intact(path, n_tokens, len(group)):
+                write_shard(path, group, dtype)
+            shards.append({"path": path.name, "split": split, "tokens": n_tokens,
+                           "documents": len(group)})
+            bar.update()
+    return shards
+
+
+def _intact(path: Path, n_tokens: int, n_docs: int) -> bool:
+    """A shard from an earlier, interrupted run of the same config that needs no rewrite."""
+    if not path.exists():
+        return False
+    try:
+        shard = Shard(path)
+    except Exception:
+        return False
+    return shard.num_tokens == n_tokens and shard.num_documents == n_docs
