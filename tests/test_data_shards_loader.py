@@ -55,11 +55,22 @@ def make_data_dir(tmp_path, n_shards=3, per_shard=1000):
 def test_sequential_windows_cross_shards_and_wrap(tmp_path):
     loader = TokenLoader(make_data_dir(tmp_path), "train", batch_size=4, seq_len=100,
                          mode="sequential")
-    for _ in range(8):  # 8 × 400 tokens: crosses both shard boundaries and wraps at 3000
+    firsts = []
+    for _ in range(10):  # 29 windows of 100: crosses both shard boundaries, then a new epoch
         x, y = loader.next_batch()
         assert x.dtype == y.dtype == torch.int64 and x.shape == (4, 100)
         assert torch.equal(x[:, 1:], y[:, :-1])
-        assert torch.equal((y - x) % 3000, torch.ones_like(x))  # consecutive stream positions
+        assert torch.equal(y - x, torch.ones_like(x))  # consecutive stream positions
+        firsts += x[:, 0].tolist()
+    assert firsts[:29] == [100 * j for j in range(29)] and firsts[29:] == firsts[:11]
+
+
+def test_random_mode_is_a_permutation_of_windows_per_epoch(tmp_path):
+    loader = TokenLoader(make_data_dir(tmp_path), "train", batch_size=1, seq_len=100, seed=3)
+    starts = [loader.next_batch()[0][0, 0].item() for _ in range(29)]
+    assert sorted(starts) == [100 * j for j in range(29)] and starts != sorted(starts)
+    again = [loader.next_batch()[0][0, 0].item() for _ in range(29)]
+    assert sorted(again) == sorted(starts) and again != starts  # a new order each epoch
 
 
 def test_random_mode_resumes_exactly(tmp_path):
@@ -84,18 +95,17 @@ def test_state_from_a_different_loader_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["random", "sequential"])
-def test_ranks_see_disjoint_data(tmp_path, mode):
+def test_ranks_see_disjoint_data_equal_to_one_process_with_accumulation(tmp_path, mode):
     data = make_data_dir(tmp_path)
-    for _ in range(3):
-        seen = []
-        loaders = [TokenLoader(data, "train", 2, 50, mode=mode, rank=r, world_size=3)
-                   for r in range(3)]
-        for step in range(5):
-            batches = [set(ld.next_batch()[0].flatten().tolist()) for ld in loaders]
-            for a in range(3):
-                for b in range(a + 1, 3):
-                    assert not batches[a] & batches[b], (mode, step)
-            seen.append(batches)
+    ranks = [TokenLoader(data, "train", 2, 50, mode=mode, seed=1, rank=r, world_size=3)
+             for r in range(3)]
+    single = TokenLoader(data, "train", 2, 50, mode=mode, seed=1)
+    for _ in range(5):
+        batches = [ld.next_batch()[0] for ld in ranks]
+        for r in range(3):  # one process drawing 3 micro-batches per step reads the same windows
+            assert torch.equal(single.next_batch()[0], batches[r])
+        windows = [set(b[:, 0].tolist()) for b in batches]
+        assert not (windows[0] & windows[1] or windows[0] & windows[2] or windows[1] & windows[2])
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):

@@ -1,15 +1,18 @@
 """The training data loader: (input, target) windows from memory-mapped token shards.
 
-The shards of a split are one virtual token stream. Two modes:
+The shards of a split are one virtual token stream, cut into non-overlapping windows of
+``seq_len + 1`` tokens (consecutive windows share their boundary token, so every token is once a
+target). Two modes:
 
-* ``random``: each batch takes ``batch_size`` windows at uniformly random starts. The generator is
-  seeded with (seed, rank, step), so batch ``k`` is a pure function of ``k``: resuming needs only
-  the step, and a resumed run sees exactly the batches an uninterrupted one would have seen.
-* ``sequential``: consecutive windows, wrapping around at the end (one pass = one epoch).
+* ``random``: each epoch visits every window once, in an order drawn from a generator seeded with
+  (seed, epoch);
+* ``sequential``: windows in stream order.
 
-Data parallel: with ``world_size`` W, random mode gives rank r the r-th of W equal slices of the
-stream, and sequential mode gives rank r the r-th slice of every global batch, so ranks never read
-the same tokens within a step.
+Batches are *slots* of that order: the k-th ``next_batch()`` on rank r of W takes global slot
+``k·W + r``. So ranks read disjoint windows, and one process with W× the gradient accumulation reads
+exactly the windows that W data-parallel ranks read together. Batch k is a function of k alone:
+resuming needs only the number of batches drawn (``state_dict()``), and a resumed run sees exactly
+the batches an uninterrupted one would have seen.
 """
 
 from __future__ import annotations
@@ -47,24 +50,22 @@ class TokenLoader:
         self.shards = [Shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset per shard
         self.num_tokens = int(self.starts[-1])
-        window = seq_len + 1
-        # Rank r's slice of the stream in random mode; every rank must fit a whole batch window.
-        self.lo = self.num_tokens * rank // world_size
-        self.hi = self.num_tokens * (rank + 1) // world_size
-        if self.hi - self.lo < window or self.num_tokens < batch_size * world_size * seq_len + 1:
+        self.num_windows = (self.num_tokens - 1) // seq_len
+        if self.num_windows < batch_size * world_size:
             raise InputError(f"{data_dir}: the {split!r} split has {self.num_tokens} tokens, too "
                              f"few for batches of {batch_size}×{seq_len} on {world_size} rank(s)")
         self.batch_size, self.seq_len, self.mode = batch_size, seq_len, mode
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.step = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, window order) cache
 
     def _read(self, start: int, length: int) -> np.ndarray:
-        """``length`` tokens of the stream from ``start`` (wrapping at the end), across shards."""
+        """``length`` tokens of the stream from ``start``, across shard boundaries."""
         out = np.empty(length, dtype=np.int64)
         filled = 0
         while filled < length:
-            pos = (start + filled) % self.num_tokens
+            pos = start + filled
             k = int(np.searchsorted(self.starts, pos, side="right")) - 1
             shard, offset = self.shards[k], pos - int(self.starts[k])
             take = min(length - filled, len(shard) - offset)
@@ -72,14 +73,21 @@ class TokenLoader:
             filled += take
         return out
 
+    def _window_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = (epoch, rng.permutation(self.num_windows))
+        return self._order[1]
+
     def _starts(self) -> list[int]:
-        window = self.seq_len + 1
-        if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self.rank, self.step])
-            return rng.integers(self.lo, self.hi - window + 1, size=self.batch_size).tolist()
-        per_batch = self.batch_size * self.seq_len
-        base = (self.step * self.world_size + self.rank) * per_batch
-        return [base + i * self.seq_len for i in range(self.batch_size)]
+        """Stream offsets of this batch's windows."""
+        slot = self.step * self.world_size + self.rank
+        starts = []
+        for g in range(slot * self.batch_size, (slot + 1) * self.batch_size):
+            epoch, j = divmod(g, self.num_windows)
+            window = self._window_order(epoch)[j] if self.mode == "random" else j
+            starts.append(int(window) * self.seq_len)
+        return starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         windows = np.stack([self._read(s, self.seq_len + 1) for s in self._starts()])
