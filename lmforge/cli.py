@@ -87,6 +87,29 @@ def _data_merge(args: argparse.Namespace) -> None:
     print(json.dumps({k: merged[k] for k in ("ranks", "num_tokens", "num_documents")}, indent=2))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.loop import train
+
+    print(json.dumps(train(from_args(TrainConfig, args)), indent=2))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmforge import load
+    from lmforge.generate import sample
+    from lmforge.tokenizer import ENDOFTEXT
+
+    model, tok = load(args.checkpoint)
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.num_samples):
+        new = sample(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature,
+                     args.top_k, g, stop=(tok.token_id(ENDOFTEXT),))
+        print(args.prompt + tok.decode(new))
+        print("---")
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import QuickstartConfig, quickstart
 
@@ -97,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     from lmforge.data.pipeline import DataConfig
     from lmforge.quickstart import QuickstartConfig
     from lmforge.tokenizer.stage import TokenizerTrainConfig
+    from lmforge.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -143,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="directory written by `lmforge data prepare`")
     p = command(dsub, "merge", _data_merge, "merge the rank_*/ manifests of a multi-machine run")
     p.add_argument("dir", help="the --out directory shared by all ranks")
+
+    command(stages, "train", _train, "pretrain a model on prepared data (also under torchrun)",
+            TrainConfig)
+    p = command(stages, "generate", _generate, "sample text from a trained model")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
 
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)

@@ -1,0 +1,78 @@
+"""Run outputs: ``metrics.jsonl`` (one object per step or event), ``loss.png``, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.files import atomic_path
+
+
+class MetricsLog:
+    """Appends JSON lines; step records carry ``step``, ``loss``, ``lr``, ``grad_norm``,
+    ``tokens_per_s``; events carry ``event`` (``skip``, ``rollback``, ``eval``, …)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("--tensorboard needs the tensorboard package "
+                                  "(pip install tensorboard)") from None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path, baseline_bpb: float | None = None) -> Path | None:
+    """``loss.png``: training loss and validation bpb against step, events marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    events = [r for r in records if r.get("event") in ("skip", "rollback")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    for r in events:
+        ax1.axvline(r["step"], color="red" if r["event"] == "rollback" else "orange", lw=0.6)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats/token)")
+    ax1.set_title("training loss (orange: skipped step, red: rollback)")
+    ax2.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label="model")
+    if baseline_bpb is not None:
+        ax2.axhline(baseline_bpb, color="gray", ls="--", label="unigram baseline")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("bits per byte")
+    ax2.set_title("validation")
+    ax2.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,80 @@
+"""Validation loss and bits per byte, and the unigram baseline a model must beat.
+
+Bits per byte (bpb) normalizes the loss by the text it covers, so models with different
+tokenizers compare: bpb = Σ loss_nats / (ln 2 · Σ bytes), summed over target tokens that stand
+for text (special tokens such as ``<|endoftext|>`` count 0 bytes and are left out).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.loader import TokenLoader
+from lmforge.data.manifest import load_manifest
+from lmforge.data.shards import Shard
+from lmforge.tokenizer import Tokenizer
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 length of each token id; 0 for special tokens."""
+    sizes = np.zeros(tok.vocab_size, dtype=np.int64)
+    specials = set(tok.special_tokens.values())
+    for i, t in tok.vocab.items():
+        sizes[i] = 0 if i in specials else len(t)
+    return sizes
+
+
+class Validator:
+    """Fixed validation batches (the same ones every time), evaluated without gradients."""
+
+    def __init__(self, data_dir: str | Path, sizes: np.ndarray, batch_size: int, seq_len: int,
+                 batches: int, device: torch.device) -> None:
+        self.loader = TokenLoader(data_dir, "val", batch_size, seq_len, mode="sequential",
+                                  device=device)
+        self.batches = min(batches, self.loader.num_windows // batch_size)
+        self.sizes = torch.as_tensor(sizes, device=device)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, autocast: AbstractContextManager) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        self.loader.step = 0
+        nats = bpb_nats = 0.0
+        tokens = nbytes = 0
+        for _ in range(self.batches):
+            x, y = self.loader.next_batch()
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            b = self.sizes[y.flatten()]
+            nats += loss.sum().item()
+            tokens += y.numel()
+            bpb_nats += loss[b > 0].sum().item()
+            nbytes += int(b.sum().item())
+        model.train(was_training)
+        return {"val_loss": nats / tokens, "val_bpb": bpb_nats / (math.log(2) * nbytes)}
+
+
+def _split_tokens(data_dir: Path, split: str) -> np.ndarray:
+    manifest = load_manifest(data_dir)
+    parts = [np.asarray(Shard(data_dir / s["path"]).tokens) for s in manifest["shards"]
+             if s["split"] == split]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def unigram_bpb(data_dir: str | Path, sizes: np.ndarray) -> float:
+    """bpb of the validation split under the training split's token frequencies (add-one
+    smoothed): what a model that ignores context achieves."""
+    data_dir = Path(data_dir)
+    counts = np.bincount(_split_tokens(data_dir, "train"), minlength=len(sizes)) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    val = _split_tokens(data_dir, "val")
+    val = val[sizes[val] > 0]
+    return float(-log2p[val].sum() / sizes[val].sum())

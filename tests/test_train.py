@@ -1,0 +1,161 @@
+"""Pretraining: exact resume, spike rollback, DDP equivalence, checkpoints and configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.data.pipeline import DataConfig, prepare
+from lmforge.errors import ConfigError, InputError
+from lmforge.model import lm_loss
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import loop
+from lmforge.train.checkpoint import load_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import TrainingError, train
+from lmforge.train.metrics import read_metrics
+
+from .conftest import synthetic_documents
+
+TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 32}
+# A tiny model's early loss falls fast and its gradient norm jumps on ordinary batches: a short
+# window, a lower loss bar and no gradient-norm bar keep ordinary steps from counting as spikes.
+SPIKE = {"window": 10, "min_history": 5, "z_threshold": 4.0, "grad_z_threshold": 0,
+         "sustained": 3, "cooldown_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    docs = synthetic_documents(400, seed=5)
+    Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
+                       out=str(root / "data"), preset="code", val_fraction=0.2, workers=1,
+                       progress=False, dedup={"near": False}))
+    return root / "data"
+
+
+def config(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(data=str(data_dir), out=str(out), model=TINY, batch_size=4, max_steps=16,
+                  lr=3e-3, warmup_steps=3, eval_every=8, eval_batches=2, save_every=4,
+                  keep_last=10, sample_tokens=4, progress=False, log_every=1)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "event" not in r}
+
+
+def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path):
+    summary = train(config(data_dir, tmp_path / "run", max_steps=40, eval_every=20))
+    run = tmp_path / "run"
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(40))
+    assert losses[39] < losses[0] - 1.0
+    assert summary["val_bpb"] < summary["unigram_bpb"]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "samples.txt",
+                 "tokenizer.lmforge.json", "checkpoints/index.json"):
+        assert (run / name).is_file(), name
+    record = next(r for r in read_metrics(run / "metrics.jsonl") if "event" not in r)
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+
+    model, tok = lmforge.load(str(run))
+    ids = torch.tensor([tok.encode("the model")])
+    assert model(ids).shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
+    train(config(data_dir, tmp_path / "straight"))
+    calls = {"n": 0}
+
+    def crash_after_ten_steps(logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+        return lm_loss(logits, targets)
+
+    monkeypatch.setattr(loop, "lm_loss", crash_after_ten_steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data_dir, tmp_path / "resumed"))
+    monkeypatch.setattr(loop, "lm_loss", lm_loss)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(config(data_dir, tmp_path / "resumed"))
+    train(config(data_dir, tmp_path / "resumed", resume=True))
+    assert step_losses(tmp_path / "resumed") == step_losses(tmp_path / "straight")  # bit for bit
+
+
+def test_injected_spike_rolls_back_and_recovers(data_dir, tmp_path):
+    run = tmp_path / "spiky"
+    cfg = config(data_dir, run, max_steps=30, save_every=5, inject_spike_at=14,
+                 spike=SPIKE)
+    train(cfg)
+    records = read_metrics(run / "metrics.jsonl")
+    events = [r["event"] for r in records if r.get("event") in ("skip", "rollback")]
+    assert events == ["skip", "skip", "rollback"]
+    rollback = next(r for r in records if r.get("event") == "rollback")
+    assert rollback["to_step"] == 10 and rollback["skipped_batches"] == 7
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(30))  # every step trained once, after the rollback
+    assert max(losses[s] for s in range(20, 30)) < 1.5 * losses[13]  # recovered
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[11] < config(data_dir, run).lr  # lowered after the rollback
+
+
+def test_spikes_that_keep_coming_give_up_clearly(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "doomed", max_steps=40, save_every=5, inject_spike_at=12,
+                 inject_spike_length=100, spike={**SPIKE, "max_rollbacks": 2})
+    with pytest.raises(TrainingError, match="persisted through 2 rollbacks"):
+        train(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(data_dir, tmp_path):
+    single = config(data_dir, tmp_path / "single", max_steps=6, grad_accum=2, sample_tokens=0)
+    train(single)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "lmforge.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+            "--model", json.dumps(TINY), "--batch-size", "4", "--max-steps", "6",
+            "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "8", "--eval-batches", "2",
+            "--save-every", "4", "--sample-tokens", "0", "--no-progress", "--parallel", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(6))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5)
+
+
+def test_bad_checkpoints_and_configs(data_dir, tmp_path):
+    with pytest.raises(InputError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a zip archive at all")
+    with pytest.raises(InputError, match=r"junk\.pt: unreadable checkpoint"):
+        load_checkpoint(junk)
+    with pytest.raises(ConfigError, match="has no checkpoint to resume"):
+        train(config(data_dir, tmp_path / "fresh", resume=True))
+    with pytest.raises(ConfigError, match="preset: 'huge' is not one of"):
+        TrainConfig(data="d", preset="huge")
+    with pytest.raises(ConfigError, match="grad_accum: must be >= 1"):
+        TrainConfig(data="d", grad_accum=0)
+    with pytest.raises(ConfigError, match="seq_len: 64 exceeds the model context 32"):
+        train(config(data_dir, tmp_path / "long", seq_len=64))
+    with pytest.raises(InputError, match="run directory has no checkpoints"):
+        lmforge.load(str(tmp_path))
