@@ -1,4 +1,4 @@
-"""Simple sampling: the whole context is recomputed per token (the fast engine is ``inference/``)."""
+"""Simple sampling: the whole context is recomputed per token (fast decoding: ``inference/``)."""
 
 from __future__ import annotations
 

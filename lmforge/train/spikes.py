@@ -8,9 +8,10 @@ few healthy values and the noise unit is std(successive differences)/√2 over t
 i.i.d. noise that is its standard deviation, and unlike the plain std it is not inflated by a trend
 (early in training the loss falls fast, and a spike there is still a spike).
 
-One outlier (a transient) skips its optimizer step; ``sustained`` outliers in a row ask the loop to roll back to the latest clean checkpoint (one saved while the window had no
-outlier), skip the data that followed it and lower the learning rate for a while. After
-``max_rollbacks`` the run stops with a message instead of looping.
+One outlier (a transient) skips its optimizer step; ``sustained`` outliers in a row ask the loop
+to roll back to the latest clean checkpoint (one saved while the window had no outlier), skip the
+data that followed it and lower the learning rate for a while. After ``max_rollbacks`` the run
+stops with a message instead of looping.
 """
 
 from __future__ import annotations
