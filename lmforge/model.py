@@ -261,19 +261,22 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Derived from the config, so not saved with the weights; float32 even when the
-        # weights are not (a model cast with .to(dtype) casts them too: prefer autocast).
-        cos, sin = rope_tables(config.head_dim, config.context, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE tables, filled by init_weights: derived from the config, so not saved with the
+        # weights; float32 even when the weights are not (though .to(dtype) casts them too).
+        self.register_buffer("rope_cos", torch.empty(config.context, config.head_dim),
+                             persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.context, config.head_dim),
+                             persistent=False)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, 0.02) for every Linear and Embedding; the residual-branch outputs (o_proj,
         down_proj) N(0, 0.02/√(2·n_layers)) so the residual stream's variance does not grow
-        with depth (GPT-2); RMSNorm weights 1. Also recomputes the RoPE tables, so a model
-        built on the meta device and materialized with ``to_empty`` can call this."""
+        with depth (GPT-2); RMSNorm weights 1. Also computes the RoPE tables, so a model built
+        on the meta device and materialized with ``to_empty`` is complete after calling this."""
+        if self.config.tie_embeddings:  # again: to_empty() gives each module its own storage
+            self.lm_head.weight = self.embed_tokens.weight
         residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):

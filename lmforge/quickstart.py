@@ -1,9 +1,10 @@
 """The end-to-end quickstart on the built-in offline corpus (``make quickstart``).
 
-Stage by stage, as the toolkit grows: it trains a tokenizer on the training split of the built-in
-corpus (checking it is lossless on the validation split, measuring its compression there, and
-exporting it in Hugging Face and tiktoken formats), then runs the data pipeline (filters, dedup,
-tokenization) into token shards.
+Stage by stage: it trains a tokenizer on the training split of the built-in corpus (checking it is
+lossless on the validation split, measuring its compression there, and exporting it in Hugging
+Face and tiktoken formats), runs the data pipeline (filters, dedup, tokenization) into token
+shards, then pretrains the ``tiny-cpu`` model and reports its validation bits per byte next to the
+unigram baseline, with samples. About 13 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from lmforge import load
 from lmforge.config import option, to_dict
 from lmforge.data.builtin import is_validation
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.sources import documents
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
+from lmforge.generate import sample
+from lmforge.tokenizer import ENDOFTEXT
 from lmforge.tokenizer.stage import (
     TokenizerTrainConfig,
     describe,
     export_tokenizer,
     train_tokenizer,
 )
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import train
 
 
 @dataclass
@@ -35,6 +43,11 @@ class QuickstartConfig:
                                "input SPECs (the built-in corpora need no network)")
     vocab_size: int = option(8192, "tokenizer vocabulary size")
     preset: str = option("code", "quality filter preset (the built-in corpus is code and docs)")
+    model: str = option("tiny-cpu", "model preset to pretrain")
+    steps: int = option(400, "training steps")
+    batch_size: int = option(16, "sequences per training step")
+    seq_len: int = option(256, "tokens per sequence")
+    time_budget_minutes: float = option(11.0, "stop training early after this long")
     val_fraction: float = option(0.05, "share of documents held out for validation (by name hash)")
     progress: bool = option(True, "show progress bars")
 
@@ -52,21 +65,23 @@ def quickstart(config: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(to_dict(config), indent=2))
 
-    print(f"[1/3] reading {' + '.join(config.corpus)}")
-    train, val = [], []
+    print(f"[1/4] reading {' + '.join(config.corpus)}")
+    train_docs, val_docs = [], []
     for spec in config.corpus:
         for doc in documents(spec):
-            (val if is_validation(doc.name, config.val_fraction) else train).append(doc.text)
-    mb = sum(len(t.encode()) for t in train) / 1e6
-    print(f"      {len(train)} training documents ({mb:.1f} MB), {len(val)} validation documents")
+            (val_docs if is_validation(doc.name, config.val_fraction) else train_docs).append(
+                doc.text)
+    mb = sum(len(t.encode()) for t in train_docs) / 1e6
+    print(f"      {len(train_docs)} training documents ({mb:.1f} MB), {len(val_docs)} "
+          "validation documents")
 
-    print(f"[2/3] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
+    print(f"[2/4] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
     tok_config = TokenizerTrainConfig(input=config.corpus, vocab_size=config.vocab_size,
                                       out=str(out / "tokenizer.lmforge.json"),
                                       progress=config.progress)
-    tok, summary = train_tokenizer(tok_config, corpus=train)
-    lossless = all(tok.decode(tok.encode(t)) == t for t in val)
-    stats = describe(tok, val)
+    tok, summary = train_tokenizer(tok_config, corpus=train_docs)
+    lossless = all(tok.decode(tok.encode(t)) == t for t in val_docs)
+    stats = describe(tok, val_docs)
     exported = export_tokenizer(tok, "hf", out / "hf") + export_tokenizer(tok, "tiktoken",
                                                                           out / "tiktoken")
     report = {"tokenizer": summary["tokenizer"], "train_seconds": summary["train_seconds"],
@@ -84,7 +99,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     print(f"      longest tokens: {stats['longest_tokens'][:3]}")
     print(f"      example: {example!r}\n        → {len(ids)} tokens {pieces}")
 
-    print("[3/3] data pipeline: filters, exact + MinHash dedup, tokenization, shards")
+    print("[3/4] data pipeline: filters, exact + MinHash dedup, tokenization, shards")
     manifest = prepare(DataConfig(input=config.corpus, tokenizer=summary["tokenizer"],
                                   out=str(out / "data"), preset=config.preset,
                                   val_fraction=config.val_fraction, progress=config.progress))
@@ -99,5 +114,30 @@ def quickstart(config: QuickstartConfig) -> dict:
     print(f"      train: {splits['train']['tokens']:,} tokens in {splits['train']['documents']} "
           f"documents; val: {splits.get('val', {}).get('tokens', 0):,} tokens "
           f"({len(manifest['shards'])} shards, {manifest['dtype']})")
-    print(f"done: {out}/ (tokenizer, HF and tiktoken exports, data/, quickstart.json)")
+
+    print(f"[4/4] pretraining {config.model} for {config.steps} steps "
+          f"(time budget {config.time_budget_minutes:g} min)")
+    result = train(TrainConfig(data=str(out / "data"), out=str(out / "train"),
+                               preset=config.model,
+                               batch_size=config.batch_size, seq_len=config.seq_len,
+                               max_steps=config.steps, lr=3e-3, warmup_steps=config.steps // 10,
+                               eval_every=max(1, config.steps // 4), eval_batches=20,
+                               save_every=max(1, config.steps // 4),
+                               time_budget_minutes=config.time_budget_minutes,
+                               progress=config.progress, resume=(out / "train" / "checkpoints"
+                                                                 ).exists()))
+    report["train"] = result
+    atomic_write_text(out / "quickstart.json", json.dumps(report, indent=2, ensure_ascii=False))
+    model, tok = load(str(out / "train"))
+    g = torch.Generator().manual_seed(0)
+    print("      samples:")
+    for prompt in ("def ", "The "):
+        new = sample(model, tok.encode(prompt), 60, temperature=0.8, generator=g,
+                     stop=(tok.token_id(ENDOFTEXT),))
+        print("      | " + (prompt + tok.decode(new)).replace("\n", "\n      | "))
+    print(f"done: {out}/ (tokenizer, data/, train/ with checkpoints, metrics.jsonl, loss.png)")
+    print(f"trained {result['step']} steps ({result['params'] / 1e6:.1f}M parameters)"
+          + (" — stopped by the time budget" if result["stopped_by_time_budget"] else ""))
+    print(f"final validation bpb: {result['val_bpb']:.3f}   "
+          f"unigram baseline bpb: {result['unigram_bpb']:.3f}")
     return report

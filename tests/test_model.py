@@ -21,6 +21,17 @@ from lmforge.model import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are too small to gain from intra-op threads, and when other processes share
+    the cores OpenMP barriers wait on descheduled threads: one overfit step went from 13 ms on
+    one thread to 900 ms on two, with two busy processes beside it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small(**overrides) -> ModelConfig:
     fields = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, context=32)
     return ModelConfig(**(fields | overrides))
@@ -108,15 +119,15 @@ def test_overfits_one_batch():
     x = ids(config, B=4, T=17)
     inputs, targets = x[:, :-1], x[:, 1:]
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
-    first = None
-    for _ in range(200):
+    losses = []
+    for _ in range(150):
         loss = lm_loss(m(inputs), targets)
-        first = first if first is not None else loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    assert first == pytest.approx(math.log(config.vocab_size), rel=0.05)
-    assert loss.item() < 0.05
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(config.vocab_size), rel=0.05)  # uniform at init
+    assert losses[-1] < 0.05  # ~0.007 observed
 
 
 # ---------------------------------------------------------------------- attention and positions
@@ -223,6 +234,19 @@ def test_rope_tables_are_float32_buffers_not_saved():
     assert m.rope_cos.dtype == m.rope_sin.dtype == torch.float32
     assert m.rope_cos.shape == (32, 16)
     assert not any(key.startswith("rope_") for key in m.state_dict())
+
+
+def test_meta_device_build_then_materialize():
+    config = small()
+    with torch.device("meta"):
+        m = Transformer(config)
+    m.to_empty(device="cpu")
+    m.init_weights()
+    cos, sin = rope_tables(config.head_dim, config.context, config.rope_theta)
+    assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+    assert m.lm_head.weight is m.embed_tokens.weight
+    assert m.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert torch.isfinite(m(ids(config))).all()
 
 
 def test_num_params_and_flops_formula():
@@ -338,8 +362,8 @@ def test_parity_with_hf_llama(n_kv_heads, tie):
         head_dim=config.head_dim, max_position_embeddings=config.context,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-        attention_bias=False, mlp_bias=False, hidden_act="silu")
-    hf_config._attn_implementation = "eager"  # an independent attention, not SDPA again
+        attention_bias=False, mlp_bias=False, hidden_act="silu",
+        attn_implementation="eager")  # an independent attention, not SDPA again
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
     assert not missing and not unexpected

@@ -11,12 +11,12 @@ from .conftest import synthetic_documents
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    for i, doc in enumerate(synthetic_documents(120)):
+    for i, doc in enumerate(synthetic_documents(400)):
         (tmp_path / f"doc{i:03}.txt").write_text(doc, encoding="utf-8")
     out = tmp_path / "run"
     report = quickstart(QuickstartConfig(out_dir=str(out), corpus=[str(tmp_path / "*.txt")],
                                          vocab_size=500, val_fraction=0.1, progress=False,
-                                         preset="code"))
+                                         preset="code", steps=6, batch_size=2, seq_len=32))
     assert report["validation_lossless"] is True
     assert report["bytes_per_token"] > 1.0
     assert Tokenizer.load(out / "tokenizer.lmforge.json").vocab_size == 500
@@ -25,4 +25,6 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
                                                           ).is_file()
     assert report["data"]["num_tokens"] > 0 and report["data"]["splits"]["val"]["documents"]
     assert (out / "data" / "manifest.json").is_file()
-    assert "bytes/token" in capsys.readouterr().out
+    assert report["train"]["step"] == 6 and (out / "train" / "loss.png").is_file()
+    printed = capsys.readouterr().out
+    assert "bytes/token" in printed and "unigram baseline bpb" in printed.splitlines()[-1]

@@ -22,6 +22,8 @@ class TrainConfig:
     seq_len: int = option(0, "tokens per sequence (0: the model's context)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_steps: int = option(1000, "optimizer steps to train for")
+    time_budget_minutes: float = option(0.0, "stop early (evaluate and save) once training has "
+                                              "run this long (0: no limit)")
     lr: float = option(3e-3, "peak learning rate")
     min_lr_ratio: float = option(0.1, "cosine decay floor, as a fraction of lr")
     warmup_steps: int = option(50, "linear warmup steps from 0 to lr")

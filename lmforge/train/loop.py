@@ -184,6 +184,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     bar = progress_bar(config.progress and env.is_main, total=config.max_steps,
                        initial=run.step, desc="train", unit="step")
+    started = time.perf_counter()
+    budget = config.time_budget_minutes * 60
     while True:
         step = run.step
         lr_scale = spike_cfg.lr_factor if step < run.cooldown_until else 1.0
@@ -192,7 +194,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
 
-        last = step == config.max_steps
+        out_of_time = budget > 0 and time.perf_counter() - started > budget
+        out_of_time = all_reduce_mean(float(out_of_time), env) > 0  # every rank stops together
+        last = step == config.max_steps or out_of_time
         if step % config.eval_every == 0 or last:
             val = validator.run(run.compiled, autocast)
             emit({"step": step, "event": "eval", **val, "unigram_bpb": baseline})
@@ -256,7 +260,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
     bar.close()
     summary = {"step": run.step, **val, "unigram_bpb": baseline,
-               "params": run.model_config.num_params(), "rollbacks": run.rollbacks}
+               "params": run.model_config.num_params(), "rollbacks": run.rollbacks,
+               "stopped_by_time_budget": run.step < config.max_steps}
     emit({"step": run.step, "event": "done", **summary})
     if log is not None:
         log.close()
