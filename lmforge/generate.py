@@ -11,7 +11,8 @@ def sample(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature
            top_k: int | None = 50, generator: torch.Generator | None = None,
            stop: tuple[int, ...] = ()) -> list[int]:
     """New token ids after ``prompt``: softmax(logits / temperature) over the ``top_k`` most
-    likely tokens (greedy when temperature is 0), until ``max_new_tokens`` or a ``stop`` id.
+    likely tokens (greedy when temperature is 0), until ``max_new_tokens`` or a ``stop`` id
+    (which is not returned).
 
     Uses ``generator`` for randomness, so sampling never disturbs the global RNG (a training
     run's exact resume depends on it).
@@ -33,9 +34,9 @@ def sample(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        new.append(nxt)
-        if nxt in stop:
+        if nxt in stop:  # the stop token ends the sample and is not part of it
             break
+        new.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
     model.train(was_training)
     return new
