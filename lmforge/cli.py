@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -91,7 +92,9 @@ def _train(args: argparse.Namespace) -> None:
     from lmforge.train.config import TrainConfig
     from lmforge.train.loop import train
 
-    print(json.dumps(train(from_args(TrainConfig, args)), indent=2))
+    summary = train(from_args(TrainConfig, args))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        print(json.dumps(summary, indent=2))
 
 
 def _generate(args: argparse.Namespace) -> None:

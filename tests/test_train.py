@@ -124,19 +124,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_data_parallel_on_two_cpu_processes_matches_one_process(data_dir, tmp_path, strategy):
     single = config(data_dir, tmp_path / "single", max_steps=6, grad_accum=2, sample_tokens=0)
     train(single)
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", "lmforge.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+            "-m", "lmforge.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "dp"),
             "--model", json.dumps(TINY), "--batch-size", "4", "--max-steps", "6",
             "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "8", "--eval-batches", "2",
-            "--save-every", "4", "--sample-tokens", "0", "--no-progress", "--parallel", "ddp"]
+            "--save-every", "4", "--sample-tokens", "2", "--no-progress", "--parallel", strategy]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "dp")
     assert sorted(a) == sorted(b) == list(range(6))
     for s in a:
         assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5)

@@ -200,14 +200,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if step % config.eval_every == 0 or last:
             val = validator.run(run.compiled, autocast)
             emit({"step": step, "event": "eval", **val, "unigram_bpb": baseline})
-            if config.sample_tokens and env.is_main:
+            if config.sample_tokens:  # every rank: an FSDP forward gathers from all of them
                 g = torch.Generator().manual_seed(config.seed + step)
                 new = sample(unwrap(run.model), run.tokenizer.encode(config.sample_prompt),
                              config.sample_tokens, generator=g, stop=(eot,))
                 text = config.sample_prompt + run.tokenizer.decode(new)
                 emit({"step": step, "event": "sample", "text": text})
-                with open(run.out / "samples.txt", "a", encoding="utf-8") as f:
-                    f.write(f"--- step {step}\n{text}\n")
+                if env.is_main:
+                    with open(run.out / "samples.txt", "a", encoding="utf-8") as f:
+                        f.write(f"--- step {step}\n{text}\n")
         if (step % config.save_every == 0 or last) and step != start_step:
             state = run.state(val.get("val_loss"))
             if env.is_main:
