@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lmforge.config import build, option
 from lmforge.errors import ConfigError, InputError
+from lmforge.fused_loss import linear_cross_entropy
 
 # ----------------------------------------------------------------------------------------- config
 
@@ -288,9 +289,13 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for int64 ids (B, T), T ≤ config.context; position t only
-        sees ids[:, :t+1]. Under autocast the logits come out in the autocast dtype."""
+        sees ids[:, :t+1]. Under autocast the logits come out in the autocast dtype.
+
+        With ``targets`` (B, T) it returns the mean next-token cross-entropy instead (equal to
+        ``lm_loss(model(ids), targets)``), computed chunk by chunk without materializing the
+        logits — the training path. It stays inside ``forward`` so that DDP/FSDP hooks run."""
         if ids.shape[1] > self.config.context:
             raise InputError(f"sequence length {ids.shape[1]} exceeds the model's context "
                              f"{self.config.context}")
@@ -299,7 +304,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(ids)  # (B, T, d_model)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        h = self.norm(x)  # (B, T, d_model)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(h)  # (B, T, vocab_size)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -33,7 +33,8 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW β2 (0.95: steadier than 0.999 for LM pretraining)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "compute dtype via autocast: auto = bf16 on CUDA, fp32 on CPU")
+        "auto", "compute dtype via autocast: auto = bf16 where the hardware has bf16 matmuls "
+                "(CUDA; CPUs with AVX512-BF16/AMX), else fp32")
     compile: bool = option(False, "torch.compile the model")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     parallel: Literal["auto", "none", "ddp", "fsdp"] = option(

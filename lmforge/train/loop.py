@@ -23,7 +23,7 @@ from lmforge.data.manifest import load_manifest
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_text
 from lmforge.generate import sample
-from lmforge.model import ModelConfig, Transformer, lm_loss
+from lmforge.model import ModelConfig, Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 from lmforge.train.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
@@ -61,8 +61,15 @@ def _peak_flops(config: TrainConfig, env: DistEnv) -> float:
     return 0.0
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: any recent CUDA GPU; CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _autocast(config: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
-    bf16 = config.dtype == "bf16" or (config.dtype == "auto" and env.device.type == "cuda")
+    bf16 = config.dtype == "bf16" or (config.dtype == "auto" and native_bf16(env.device))
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
@@ -228,7 +235,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             sync = (run.model.no_sync() if hasattr(run.model, "no_sync")
                     and micro < config.grad_accum - 1 else contextlib.nullcontext())
             with sync, autocast:
-                loss = lm_loss(run.compiled(x), y) / config.grad_accum
+                loss = run.compiled(x, y) / config.grad_accum
             with sync:
                 loss.backward()
             loss_sum += loss.item()
