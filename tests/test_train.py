@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lmforge
+from lmforge.cli import main
 from lmforge.data.loader import TokenLoader
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.errors import ConfigError, InputError
@@ -55,7 +56,7 @@ def step_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "event" not in r}
 
 
-def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path):
+def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path, capsys):
     summary = train(config(data_dir, tmp_path / "run", max_steps=40, eval_every=20))
     run = tmp_path / "run"
     losses = step_losses(run)
@@ -71,6 +72,12 @@ def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path):
     model, tok = lmforge.load(str(run))
     ids = torch.tensor([tok.encode("the model")])
     assert model(ids).shape == (1, ids.shape[1], model.config.vocab_size)
+
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the model",
+                 "--max-new-tokens", "5", "--num-samples", "2"]) == 0
+    printed = capsys.readouterr().out.split("---\n")
+    assert len(printed) == 3 and all(p.startswith("the model") for p in printed[:2])
+    assert main(["generate", "--checkpoint", str(tmp_path / "none")]) == 2
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import ConfigError
 from lmforge.files import atomic_path
 
 
@@ -21,7 +22,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("--tensorboard needs the tensorboard package "
+                raise ConfigError("tensorboard: needs the tensorboard package "
                                   "(pip install tensorboard)") from None
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
