@@ -29,6 +29,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # this process created the process group, so it must destroy it
 
     @property
     def is_main(self) -> bool:
@@ -46,9 +47,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank, local, world, dev)
+    return DistEnv(rank, local, world, dev, owns)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Tear down the process group we created. Exiting with it alive can abort the process
+    ("terminate called without an active exception") while its background threads still run."""
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parallelize(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:

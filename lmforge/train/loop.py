@@ -35,6 +35,7 @@ from lmforge.train.distributed import (
     init_distributed,
     load_full_state,
     parallelize,
+    shutdown_distributed,
     unwrap,
 )
 from lmforge.train.metrics import MetricsLog, plot_loss_curve, read_metrics
@@ -163,6 +164,13 @@ def _prepare_run_dir(run: _Run, resume: bool) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train; returns the final figures (also the last line of ``metrics.jsonl``)."""
     env = init_distributed(config.device)
+    try:
+        return _train(config, env)
+    finally:
+        shutdown_distributed(env)
+
+
+def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
     run = _Run(config, env)
     if config.resume:
         latest = run.checkpoints.latest()
