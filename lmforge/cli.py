@@ -113,6 +113,15 @@ def _generate(args: argparse.Namespace) -> None:
         print("---")
 
 
+def _export_hf(args: argparse.Namespace) -> None:
+    from lmforge import load
+    from lmforge.export.hf import export_hf
+
+    model, tok = load(args.checkpoint)
+    for path in export_hf(model, tok, args.out):
+        print(path)
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import QuickstartConfig, quickstart
 
@@ -181,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+    export = stages.add_parser("export", help="write a trained model in other formats")
+    esub = export.add_subparsers(dest="command", required=True, metavar="FORMAT")
+    p = command(esub, "hf", _export_hf, "Hugging Face Llama directory (transformers loads it)")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    p.add_argument("--out", required=True, help="output directory")
 
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)

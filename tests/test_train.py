@@ -78,6 +78,9 @@ def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out.split("---\n")
     assert len(printed) == 3 and all(p.startswith("the model") for p in printed[:2])
     assert main(["generate", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert main(["export", "hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    exported, _ = lmforge.load(str(tmp_path / "hf"))
+    assert torch.allclose(exported(ids), model(ids), atol=1e-6)
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):

@@ -111,11 +111,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a run directory (best checkpoint, else latest) or a checkpoint
-    file; the tokenizer is the run's copy, checked against the checkpoint's fingerprint."""
+    """``(model, tokenizer)`` from a run directory (best checkpoint, else latest), a checkpoint
+    file (the tokenizer is the run's copy, checked against the checkpoint's fingerprint), or a
+    Hugging Face Llama directory."""
     from lmforge.model import ModelConfig, Transformer
     from lmforge.tokenizer import Tokenizer
 
+    if (Path(path) / "config.json").is_file() and not (Path(path) / "checkpoints").is_dir():
+        from lmforge.export.hf import load_hf_model  # a Hugging Face Llama directory
+
+        model, tokenizer = load_hf_model(path)
+        return model.to(device), tokenizer
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     run_dir = ckpt.parent.parent
