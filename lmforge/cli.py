@@ -122,6 +122,14 @@ def _export_hf(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _export_gguf(args: argparse.Namespace) -> None:
+    from lmforge import load
+    from lmforge.export.gguf import export_gguf
+
+    model, tok = load(args.checkpoint)
+    print(export_gguf(model, tok, args.out))
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import QuickstartConfig, quickstart
 
@@ -196,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command(esub, "hf", _export_hf, "Hugging Face Llama directory (transformers loads it)")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output directory")
+    p = command(esub, "gguf", _export_gguf, "one GGUF file for llama.cpp")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    p.add_argument("--out", required=True, help="output .gguf file")
 
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)

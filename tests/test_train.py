@@ -81,6 +81,9 @@ def test_training_learns_and_writes_a_run_directory(data_dir, tmp_path, capsys):
     assert main(["export", "hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
     exported, _ = lmforge.load(str(tmp_path / "hf"))
     assert torch.allclose(exported(ids), model(ids), atol=1e-6)
+    assert main(["export", "gguf", "--checkpoint", str(run), "--out",
+                 str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 4 * model.config.num_params()
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
