@@ -1,0 +1,14 @@
+"""Fast incremental decoding on token ids: static KV cache, prefill, one-token decode, sampling."""
+
+from lmforge.inference.engine import (
+    KVCache,
+    decode_one_token,
+    forward_cached,
+    generate,
+    generate_batch,
+    prefill,
+    sample,
+)
+
+__all__ = ["KVCache", "decode_one_token", "forward_cached", "generate", "generate_batch",
+           "prefill", "sample"]

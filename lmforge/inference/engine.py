@@ -1,0 +1,284 @@
+"""Incremental decoding with a static KV cache (gpt-fast style), on token ids only.
+
+The model file has no cache, so :func:`forward_cached` runs the model's own submodules (embedding,
+norms, q/k/v/o projections, MLP, LM head, ``apply_rope``) layer by layer and does only the
+attention itself, against keys and values kept in a preallocated :class:`KVCache`.
+
+Batches of prompts of different lengths are left-padded: every row fills the same cache slots,
+and a row's RoPE position is its slot minus its padding. Positions < 0 mark padding, which no
+query ever attends to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import InputError
+from lmforge.model import Attention, Transformer, apply_rope
+
+# ---------------------------------------------------------------------------------------- cache
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, allocated once for ``max_len`` slots.
+
+    Stores ``n_kv_heads`` heads (not ``n_heads``): with grouped-query attention the cache is
+    n_heads / n_kv_heads times smaller than the queries would suggest.
+    """
+
+    k: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
+    v: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
+    valid: Tensor  # (B, max_len) bool: the slot holds a real token (not padding, not empty)
+    length: int = 0  # slots filled so far; the next token goes to slot ``length``
+
+    @classmethod
+    def allocate(cls, model: Transformer, batch_size: int, max_len: int | None = None
+                 ) -> KVCache:
+        """An empty cache for ``model`` on its device and in its dtype; ``max_len`` defaults to
+        the model's context."""
+        config = model.config
+        max_len = config.context if max_len is None else max_len
+        if not 0 < max_len <= config.context:
+            raise InputError(f"KV cache length {max_len} must be in 1 .. context "
+                             f"{config.context}")
+        weight = model.embed_tokens.weight
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+             for _ in range(config.n_layers)]
+        v = [torch.zeros_like(t) for t in k]
+        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=weight.device)
+        return cls(k, v, valid)
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+# -------------------------------------------------------------------------------------- forward
+
+
+def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) -> Tensor:
+    """Logits (B, T, vocab) for ids (B, T) appended to the cache at slots
+    ``cache.length .. cache.length + T - 1``; ``positions`` (B, T) are their RoPE positions,
+    negative for left padding. Advances ``cache.length`` by T."""
+    T = ids.shape[1]
+    start, end = cache.length, cache.length + T
+    if end > cache.max_len:
+        raise InputError(f"KV cache overflow: {end} tokens do not fit in {cache.max_len} slots")
+    cache.valid[:, start:end] = positions >= 0
+    # Query i (slot start + i) sees earlier-or-same slots that hold real tokens. A padding query
+    # would see nothing (softmax of all -inf is NaN), so every query also sees its own slot; no
+    # real token ever attends to a padding slot, so that output never matters.
+    slots = torch.arange(end, device=ids.device)
+    query_slots = slots[start:, None]  # (T, 1)
+    mask = (slots <= query_slots) & cache.valid[:, None, :end]  # (B, T, end)
+    mask = (mask | (slots == query_slots))[:, None]  # (B, 1, T, end)
+
+    rope = positions.clamp(min=0)
+    cos = model.rope_cos[rope][:, None]  # (B, 1, T, head_dim)
+    sin = model.rope_sin[rope][:, None]
+    x = model.embed_tokens(ids)  # (B, T, d_model)
+    for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v, strict=True):
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
+                           k_cache, v_cache, start, end)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.length = end
+    return model.lm_head(model.norm(x))
+
+
+def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
+               v_cache: Tensor, start: int, end: int) -> Tensor:
+    """The model's Attention block, with keys/values written to and read from the cache."""
+    B, T, _ = x.shape
+    H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, n_heads, T, head_dim)
+    k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+    v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                       attn_mask=mask, enable_gqa=KV != H)
+    y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d_model)
+    return attn.o_proj(y)
+
+
+@torch.no_grad()
+def prefill(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) -> Tensor:
+    """Run the prompts ids (B, T) through the model into the cache; logits (B, vocab) of the
+    last position. ``positions`` (B, T) or (T,): RoPE positions, negative for left padding."""
+    positions = positions.expand(ids.shape)
+    return forward_cached(model, cache, ids, positions)[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: Transformer, cache: KVCache, token: Tensor, pos: Tensor | int
+                     ) -> Tensor:
+    """Logits (B, vocab) after appending token (B, 1) at RoPE position ``pos`` (int or (B,))."""
+    pos = torch.as_tensor(pos, device=token.device).expand(token.shape[0])
+    return forward_cached(model, cache, token, pos[:, None])[:, -1]
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, repetition_penalty: float = 1.0,
+           generator: torch.Generator | None = None, previous_tokens: Tensor | None = None
+           ) -> Tensor:
+    """Next token ids (B,) from logits (B, vocab).
+
+    Order: repetition penalty on ``previous_tokens`` (B, n) (CTRL, arXiv:1909.05858: positive
+    logits divided by the penalty, negative ones multiplied) → greedy argmax if temperature is 0,
+    else logits / temperature → keep exactly the ``top_k`` largest → keep the smallest set of
+    most likely tokens whose probability sums to ≥ ``top_p`` (at least one) → draw with
+    ``generator`` (on the logits' device), never touching the global RNG.
+    """
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if repetition_penalty <= 0:
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    logits = logits.float()
+    if repetition_penalty != 1.0 and previous_tokens is not None and previous_tokens.numel():
+        seen = logits.gather(1, previous_tokens)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, previous_tokens, seen)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        # scatter the top-k indices rather than threshold at the k-th value: ties at the
+        # threshold would keep more than k tokens.
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # keep a token if the tokens strictly more likely than it sum to < top_p; the most
+        # likely token (sum 0) is always kept.
+        keep_sorted = probs.cumsum(dim=-1) - probs < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Stream new token ids after ``prompt_ids``; a stop id ends the stream and is not yielded.
+
+    ``max_new_tokens`` is clipped so that prompt + new tokens fit in the model's context.
+    Sampling arguments as in :func:`sample` (temperature 0: greedy).
+    """
+    prompts = [list(prompt_ids)]
+    max_new_tokens = _check_inputs(model, prompts, max_new_tokens)  # raise now, not on next()
+    stops = set(stop_ids)
+
+    def stream() -> Iterator[int]:
+        for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                    repetition_penalty, stop_ids, generator):
+            token = int(step[0])
+            if token in stops:
+                return
+            yield token
+
+    return stream()
+
+
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   *, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, repetition_penalty: float = 1.0,
+                   stop_ids: Sequence[int] = (), generator: torch.Generator | None = None
+                   ) -> list[list[int]]:
+    """New token ids for each prompt (lengths may differ; they are left-padded), decoded
+    together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
+    (clipped so the longest prompt + new tokens fit in the context)."""
+    prompts = [list(p) for p in prompts]
+    max_new_tokens = _check_inputs(model, prompts, max_new_tokens)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stops = set(stop_ids)
+    for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                repetition_penalty, stop_ids, generator):
+        for row, token in enumerate(step.tolist()):
+            if not done[row]:
+                if token in stops:
+                    done[row] = True
+                else:
+                    out[row].append(token)
+    return out
+
+
+def _check_inputs(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Reject bad prompts with an actionable message; ``max_new_tokens`` clipped to the context
+    left after the longest prompt."""
+    config = model.config
+    if not prompts:
+        raise InputError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise InputError(f"prompt {i} is empty; generation needs at least one token id")
+        if len(prompt) > config.context:
+            raise InputError(f"prompt {i} has {len(prompt)} tokens, more than the model's "
+                             f"context of {config.context}; shorten it")
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token ids outside 0 .. {config.vocab_size - 1}: "
+                             f"{bad[:5]}")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return min(max_new_tokens, config.context - max(len(p) for p in prompts))
+
+
+@torch.no_grad()
+def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                    temperature: float, top_k: int | None, top_p: float | None,
+                    repetition_penalty: float, stop_ids: Sequence[int],
+                    generator: torch.Generator | None) -> Iterator[Tensor]:
+    """Yield next tokens (B,) per step until every row has hit a stop id or the length cap."""
+    if max_new_tokens == 0:
+        return
+    longest = max(len(p) for p in prompts)
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        pads = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,)
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+        positions = torch.arange(longest, device=device) - pads[:, None]  # (B, T), <0: pad
+        # the last new token is never fed back, so it needs no slot
+        cache = KVCache.allocate(model, len(prompts), longest + max_new_tokens - 1)
+        logits = prefill(model, cache, ids, positions)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        generated: list[Tensor] = []
+        pos = positions[:, -1]
+        for step in range(max_new_tokens):
+            previous = torch.stack(generated, dim=1) if generated else None
+            token = sample(logits, temperature, top_k, top_p, repetition_penalty, generator,
+                           previous)
+            yield token
+            done |= torch.isin(token, stops)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                return
+            generated.append(token)
+            pos = pos + 1
+            logits = decode_one_token(model, cache, token[:, None], pos)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,200 @@
+"""The KV-cache engine: cached decoding matches full recomputation; sampling keeps exactly the
+intended tokens; generation streams, stops, clips and rejects bad input; batches match singles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.inference import (
+    KVCache,
+    decode_one_token,
+    generate,
+    generate_batch,
+    prefill,
+    sample,
+)
+from lmforge.model import ModelConfig, Transformer
+
+
+def tiny_model(n_heads: int = 4, n_kv_heads: int = 2, context: int = 64, seed: int = 0
+               ) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, context=context)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+def greedy_reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# -------------------------------------------------------------------------------- KV-cache parity
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_cached_decoding_matches_full_recompute(n_heads: int, n_kv_heads: int) -> None:
+    model = tiny_model(n_heads, n_kv_heads)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)  # (2, 40, vocab)
+    cache = KVCache.allocate(model, batch_size=2, max_len=40)
+    assert cache.k[0].shape == (2, n_kv_heads, 40, 8)  # stores kv heads, not query heads
+    prompt_len = 7
+    logits = prefill(model, cache, ids[:, :prompt_len], torch.arange(prompt_len))
+    torch.testing.assert_close(logits, full[:, prompt_len - 1], atol=1e-4, rtol=1e-4)
+    for pos in range(prompt_len, 40):  # 33 decode steps
+        logits = decode_one_token(model, cache, ids[:, pos:pos + 1], pos)
+        torch.testing.assert_close(logits, full[:, pos], atol=1e-4, rtol=1e-4)
+    assert cache.length == 40
+
+
+def test_left_padded_prefill_matches_unpadded() -> None:
+    model = tiny_model()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(prompt)[0, -1]
+    cache = KVCache.allocate(model, batch_size=1, max_len=10)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8]])  # three pad slots, their positions negative
+    logits = prefill(model, cache, ids, torch.arange(7) - 3)
+    torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=1e-4)
+    assert cache.valid[0, :7].tolist() == [False] * 3 + [True] * 4
+
+
+def test_cache_overflow_is_an_input_error() -> None:
+    model = tiny_model()
+    cache = KVCache.allocate(model, batch_size=1, max_len=4)
+    with pytest.raises(InputError, match="overflow"):
+        prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), torch.arange(5))
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    draws = [sample(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    state = torch.get_rng_state()
+    sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+
+
+def drawn_tokens(logits: torch.Tensor, n: int = 400, **kwargs: object) -> set[int]:
+    g = torch.Generator().manual_seed(0)
+    return set(sample(logits.expand(n, -1), 1.0, generator=g, **kwargs).tolist())
+
+
+def test_top_k_keeps_exactly_k_largest_even_with_ties() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.5, 2.9]])
+    assert drawn_tokens(logits, top_k=2) == {1, 5}
+    assert len(drawn_tokens(logits, top_k=3)) == 3  # ties at the 3rd value: still exactly three
+    assert drawn_tokens(logits, top_k=1) == {1}
+
+
+def test_top_p_keeps_smallest_set_reaching_p() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert drawn_tokens(logits, top_p=0.5) == {0}  # 0.5 alone reaches 0.5
+    assert drawn_tokens(logits, top_p=0.51) == {0, 1}
+    assert drawn_tokens(logits, top_p=0.9) == {0, 1, 2}
+    assert drawn_tokens(logits, top_p=0.01) == {0}  # always at least one
+    assert drawn_tokens(logits, top_p=1.0) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    logits = torch.tensor([[2.0, -1.0, 1.9, -0.5]])
+    # token 0 seen: 2.0 / 2 = 1.0 < 1.9, so greedy moves to token 2
+    assert sample(logits, 0, repetition_penalty=2.0, previous_tokens=torch.tensor([[0]])) == 2
+    # token 3 seen (twice: counted once): -0.5 · 2 = -1.0 < -0.6, so greedy moves to token 1
+    out = sample(torch.tensor([[-1.0, -0.6, -5.0, -0.5]]), 0, repetition_penalty=2.0,
+                 previous_tokens=torch.tensor([[3, 3]]))
+    assert out.item() == 1
+
+
+def test_sample_rejects_bad_arguments() -> None:
+    logits = torch.zeros(1, 4)
+    for kwargs in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+                   dict(repetition_penalty=0.0)):
+        with pytest.raises(InputError):
+            sample(logits, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_greedy_generate_equals_full_recompute_argmax(n_kv_heads: int) -> None:
+    model = tiny_model(n_kv_heads=n_kv_heads)
+    prompt = [3, 14, 15, 92, 65]
+    assert list(generate(model, prompt, 30)) == greedy_reference(model, prompt, 30)
+
+
+def test_generate_streams_ids_and_seeded_sampling_repeats() -> None:
+    model = tiny_model()
+    stream = generate(model, [1, 2, 3], 5, temperature=1.0, top_k=10)
+    assert isinstance(next(iter(stream)), int)
+    runs = [list(generate(model, [1, 2, 3], 20, temperature=0.9, top_k=20, top_p=0.9,
+                          repetition_penalty=1.3, generator=torch.Generator().manual_seed(3)))
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 20
+
+
+def test_stop_id_ends_generation_and_is_not_yielded() -> None:
+    model = tiny_model()
+    reference = greedy_reference(model, [4, 5, 6], 12)
+    stop = reference[5]
+    first = reference.index(stop)
+    assert list(generate(model, [4, 5, 6], 12, stop_ids=(stop,))) == reference[:first]
+
+
+def test_max_new_tokens_clipped_to_context() -> None:
+    model = tiny_model(context=16)
+    assert len(list(generate(model, list(range(10)), 100))) == 6
+    assert list(generate(model, list(range(16)), 5)) == []
+
+
+def test_bad_prompts_raise_input_error_at_call_time() -> None:
+    model = tiny_model(context=16)
+    with pytest.raises(InputError, match="more than the model's context of 16"):
+        generate(model, list(range(17)), 4)  # raised before iterating
+    with pytest.raises(InputError, match="empty"):
+        generate(model, [], 4)
+    with pytest.raises(InputError, match="outside"):
+        generate(model, [1, 97], 4)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        generate(model, [1], -1)
+
+
+def test_batched_greedy_equals_one_by_one() -> None:
+    model = tiny_model()
+    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43]]
+    singles = [list(generate(model, p, 15)) for p in prompts]
+    assert generate_batch(model, prompts, 15) == singles
+    assert [greedy_reference(model, p, 15) for p in prompts] == singles
+
+
+def test_batched_rows_stop_on_their_own() -> None:
+    model = tiny_model()
+    prompts = [[7, 8], [20, 21, 22, 23, 24]]
+    full = [greedy_reference(model, p, 12) for p in prompts]
+    stop = full[0][3]
+    out = generate_batch(model, prompts, 12, stop_ids=(stop,))
+    for row, tokens in zip(out, full, strict=True):
+        expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
+        assert row == expected
+    assert len(out[0]) == full[0].index(stop) < 12  # row 0 stopped early, on its own
