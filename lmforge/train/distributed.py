@@ -54,9 +54,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown_distributed(env: DistEnv) -> None:
-    """Tear down the process group we created. Exiting with it alive can abort the process
-    ("terminate called without an active exception") while its background threads still run."""
+    """Tear down the process group we created, once every rank is done (rank 0 still writes the
+    last checkpoint and plot after the final collective). A rank that exits while a peer's
+    connection is open, or with the group alive, can abort ("terminate called without an active
+    exception")."""
     if env.owns_group and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
