@@ -101,15 +101,20 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge import load
-    from lmforge.generate import sample
+    from lmforge.inference import generate
     from lmforge.tokenizer import ENDOFTEXT
 
     model, tok = load(args.checkpoint)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.num_samples):
-        new = sample(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature,
-                     args.top_k, g, stop=(tok.token_id(ENDOFTEXT),))
-        print(args.prompt + tok.decode(new))
+        stream = tok.stream_decoder()
+        sys.stdout.write(args.prompt)
+        for token in generate(model, tok.encode(args.prompt), args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, generator=g,
+                              stop_ids=(tok.token_id(ENDOFTEXT),)):
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+        print(stream.flush())
         print("---")
 
 

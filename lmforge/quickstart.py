@@ -22,7 +22,7 @@ from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.sources import documents
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
-from lmforge.generate import sample
+from lmforge.inference import generate
 from lmforge.tokenizer import ENDOFTEXT
 from lmforge.tokenizer.stage import (
     TokenizerTrainConfig,
@@ -132,8 +132,8 @@ def quickstart(config: QuickstartConfig) -> dict:
     g = torch.Generator().manual_seed(0)
     print("      samples:")
     for prompt in ("def ", "The "):
-        new = sample(model, tok.encode(prompt), 60, temperature=0.8, generator=g,
-                     stop=(tok.token_id(ENDOFTEXT),))
+        new = list(generate(model, tok.encode(prompt), 60, temperature=0.8, top_k=50,
+                            generator=g, stop_ids=(tok.token_id(ENDOFTEXT),)))
         print("      | " + (prompt + tok.decode(new)).replace("\n", "\n      | "))
     print(f"done: {out}/ (tokenizer, data/, train/ with checkpoints, metrics.jsonl, loss.png)")
     print(f"trained {result['step']} steps ({result['params'] / 1e6:.1f}M parameters)"

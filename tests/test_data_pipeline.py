@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import numpy as np
 import pytest
 
 from lmforge.data import pipeline
@@ -177,6 +176,3 @@ def test_bad_pipeline_configs(tmp_path, tok_path):
     with pytest.raises(ConfigError, match="rank: 3 is outside world_size 2"):
         DataConfig(input=["x"], tokenizer="t", rank=3, world_size=2)
 
-
-def test_tokens_use_uint32_for_large_vocabularies():
-    assert pipeline.token_dtype(100_000) == np.uint32

@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.train(synthetic_documents(150, seed=7), 400, workers=1, show_progress=False)
+def tok(tokenizer: Tokenizer) -> Tokenizer:
+    return tokenizer
 
 
 def random_model(vocab: int, tie: bool) -> Transformer:

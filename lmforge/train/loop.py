@@ -209,8 +209,10 @@ def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
 
-        out_of_time = budget > 0 and time.perf_counter() - started > budget
-        out_of_time = all_reduce_mean(float(out_of_time), env) > 0  # every rank stops together
+        out_of_time = False
+        if budget > 0:  # every rank stops together (no collective when there is no budget)
+            out_of_time = time.perf_counter() - started > budget
+            out_of_time = all_reduce_mean(float(out_of_time), env) > 0
         last = step == config.max_steps or out_of_time
         if step % config.eval_every == 0 or last:
             val = validator.run(run.compiled, autocast)
