@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 
 def load(path: str, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
-    """``model, tokenizer = lmforge.load(PATH)``: a run directory or a checkpoint file.
+    """``model, tokenizer = lmforge.load(PATH)``: a run directory, a checkpoint file or a Hugging
+    Face Llama directory.
 
     ``model(ids)`` maps int64 ids (batch, time) to logits (batch, time, vocab).
     """

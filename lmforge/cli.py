@@ -101,21 +101,34 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge import load
-    from lmforge.inference import generate
-    from lmforge.tokenizer import ENDOFTEXT
+    from lmforge.inference import generate_text
 
     model, tok = load(args.checkpoint)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.num_samples):
-        stream = tok.stream_decoder()
         sys.stdout.write(args.prompt)
-        for token in generate(model, tok.encode(args.prompt), args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, generator=g,
-                              stop_ids=(tok.token_id(ENDOFTEXT),)):
-            sys.stdout.write(stream.push(token))
+        for chunk in generate_text(model, tok, tok.encode(args.prompt), args.max_new_tokens,
+                                   stop=args.stop, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p,
+                                   repetition_penalty=args.repetition_penalty, generator=g):
+            sys.stdout.write(chunk)
             sys.stdout.flush()
-        print(stream.flush())
+        print()
         print("---")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from lmforge import load
+    from lmforge.inference.chat import ChatConfig, chat
+
+    config = from_args(ChatConfig, args)
+    model, tok = load(args.checkpoint)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat(model, tok, sys.stdin, write, config, prompt="> " if sys.stdin.isatty() else "")
 
 
 def _export_hf(args: argparse.Namespace) -> None:
@@ -135,6 +148,12 @@ def _export_gguf(args: argparse.Namespace) -> None:
     print(export_gguf(model, tok, args.out))
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from lmforge.quantize.stage import QuantizeConfig, quantize
+
+    print(json.dumps(quantize(from_args(QuantizeConfig, args)), indent=2))
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import QuickstartConfig, quickstart
 
@@ -143,6 +162,8 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from lmforge.data.pipeline import DataConfig
+    from lmforge.inference.chat import ChatConfig
+    from lmforge.quantize.stage import QuantizeConfig
     from lmforge.quickstart import QuickstartConfig
     from lmforge.tokenizer.stage import TokenizerTrainConfig
     from lmforge.train.config import TrainConfig
@@ -201,8 +222,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens summing to this probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where this text appears (not printed); repeatable")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p = command(stages, "chat", _chat,
+                "talk to a model in the chat format (standard input; /reset, /exit)", ChatConfig)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint file or Hugging Face directory")
 
     export = stages.add_parser("export", help="write a trained model in other formats")
     esub = export.add_subparsers(dest="command", required=True, metavar="FORMAT")
@@ -213,6 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .gguf file")
 
+    command(stages, "quantize", _quantize,
+            "int8/int4 weight-only quantization (rtn, gptq, awq) with bpb before and after",
+            QuantizeConfig)
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)
     return parser

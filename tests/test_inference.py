@@ -198,3 +198,24 @@ def test_batched_rows_stop_on_their_own() -> None:
         expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
         assert row == expected
     assert len(out[0]) == full[0].index(stop) < 12  # row 0 stopped early, on its own
+
+
+def test_compiled_decode_matches_eager_and_compiles_once() -> None:
+    """torch.compile of the decode step: same logits as eager over many steps of a left-padded
+    GQA batch, and one graph serves every step (the slot is a tensor, not a Python int)."""
+    import torch._dynamo
+
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(24) - torch.tensor([[0], [5]])  # row 1 left-padded by 5
+    caches = [KVCache.allocate(model, 2, 24) for _ in range(2)]
+    for cache in caches:
+        prefill(model, cache, ids[:, :8], positions[:, :8])
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(8, 24):
+            eager = decode_one_token(model, caches[0], ids[:, t:t + 1], positions[:, t])
+            compiled = decode_one_token(model, caches[1], ids[:, t:t + 1], positions[:, t],
+                                        compiled=True)
+            torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)

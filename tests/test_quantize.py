@@ -1,30 +1,51 @@
-"""Weight-only quantization: layer error bounds, int4 packing, whole-model drift, save/load, size,
-GPTQ. Hermetic: tiny models built and briefly trained inside the tests."""
+"""Weight-only quantization: layer error bounds, int4 packing, CPU kernels, whole-model drift,
+files, size, GPTQ, AWQ and the ``lmforge quantize`` stage. Hermetic: tiny models and data built
+(and briefly trained) inside the tests."""
 
 from __future__ import annotations
 
 import copy
 import io
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import ConfigError
+import lmforge
+from lmforge.cli import main
+from lmforge.data.manifest import totals, write_manifest
+from lmforge.data.pipeline import DataConfig, prepare
+from lmforge.data.shards import write_shard
+from lmforge.errors import ConfigError, InputError
 from lmforge.model import ModelConfig, Transformer, lm_loss
 from lmforge.quantize import (
     Int4Linear,
     Int8Linear,
+    QuantizeConfig,
+    awq_scale_model,
     gptq_quantize_model,
     gptq_quantize_weight,
     load_quantized,
+    open_quantized,
     pack_int4,
+    quantize,
     quantize_int4,
     quantize_model,
     save_quantized,
     size_report,
     unpack_int4,
 )
+from lmforge.quantize.awq import fold_scale, scale_groups
+from lmforge.quantize.calibration import calibration_batches
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import train
+
+from .conftest import synthetic_documents
 
 CONFIG = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=32)
 
@@ -107,6 +128,37 @@ def test_bf16_input_matches_fp32(cls: str) -> None:
     y32, y16 = q(x), q(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     assert _rel(y16.float(), y32) < 0.02
+
+
+@pytest.mark.parametrize(("mode", "group_size"), [("int8", 0), ("int4", 32), ("int4", 64),
+                                                ("int4", 128)])
+def test_cpu_kernel_agrees_with_dequantize_path(mode: str, group_size: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 48, bias=True)
+    q = Int8Linear.from_linear(linear) if mode == "int8" else \
+        Int4Linear.from_linear(linear, group_size)
+    x = torch.randn(3, 5, 256).bfloat16()
+    with torch.no_grad():
+        fused = q(x)  # bf16 activations on CPU: the fused weight-only kernel
+        reference = F.linear(x.float(), q.dequantize(), q.bias)
+        assert torch.allclose(q(x.float()), reference, atol=1e-5)  # fp32: dequantize path
+    assert fused.dtype == torch.bfloat16 and fused.shape == (3, 5, 48)
+    assert _rel(fused.float(), reference) < 1e-2  # bf16 rounding of scales and outputs
+    if mode == "int4":
+        assert q._cpu_kernel_weights is not None  # the kernel's layout was built and kept
+
+
+def test_int4_kernel_layout_rebuilt_when_codes_change() -> None:
+    torch.manual_seed(0)
+    a, b = (Int4Linear.from_linear(nn.Linear(128, 32), 64) for _ in range(2))
+    x = torch.randn(4, 128).bfloat16()
+    with torch.no_grad():
+        before = a(x)
+        a.load_state_dict(b.state_dict())
+        assert a._cpu_kernel_weights is None
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), before)
+        a.set_quantized(*quantize_int4(torch.randn(32, 128), 64))
+        assert a._cpu_kernel_weights is None
 
 
 def test_int4_pack_unpack_exact_for_all_values() -> None:
@@ -237,3 +289,177 @@ def test_gptq_model_close_and_not_worse_than_rtn(trained: Transformer, tmp_path)
     loaded = load_quantized(save_quantized(gptq, tmp_path / "gptq.pt"))
     with torch.no_grad():
         assert torch.equal(loaded(ids), gptq(ids))
+
+
+# ---------------------------------------------------------------------------------------- AWQ
+
+
+def _calibration() -> list[torch.Tensor]:
+    return [_batch(4000 + i)[:, :-1] for i in range(4)]
+
+
+def test_awq_folding_keeps_the_float_model(trained: Transformer) -> None:
+    ids = _batch(6000)[:, :-1]
+    with torch.no_grad():
+        ref = trained(ids)
+    model = copy.deepcopy(trained)  # arbitrary scales: W·diag(s)·(x/s) = W·x for any s > 0
+    g = torch.Generator().manual_seed(0)
+    for i, block in enumerate(model.layers):
+        for group in scale_groups(block, f"layers.{i}"):  # o_proj's group spans 2 query heads
+            fold_scale(group, torch.exp(torch.randn(group.prev.weight.shape[0], generator=g)))
+    searched = copy.deepcopy(trained)
+    alphas = awq_scale_model(searched, _calibration(), "int4", group_size=32)
+    assert len(alphas) == 4 * len(trained.layers) and all(0 <= a < 1 for a in alphas.values())
+    with torch.no_grad():
+        for folded in (model, searched):
+            assert torch.allclose(folded(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def _plant_outliers(model: Transformer) -> Transformer:
+    """The same function, but with a few channels of both norms' outputs 30× larger than the
+    rest — the activation outliers of real LLMs that AWQ is for — and their weights 30×
+    smaller."""
+    s = torch.ones(model.config.d_model)
+    s[:4] = 1 / 30
+    for i, block in enumerate(model.layers):
+        qkv, _, gate_up, _ = scale_groups(block, f"layers.{i}")
+        fold_scale(qkv, s)
+        fold_scale(gate_up, s)
+    return model
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_awq_does_not_hurt_and_helps_with_outliers(trained: Transformer, outliers: bool) -> None:
+    model = _plant_outliers(copy.deepcopy(trained)) if outliers else copy.deepcopy(trained)
+    ids = _batch(5000)[:, :-1]
+    with torch.no_grad():
+        ref = model(ids)
+    rtn = quantize_model(copy.deepcopy(model), "int4", group_size=32)
+    awq = copy.deepcopy(model)
+    awq_scale_model(awq, _calibration(), "int4", group_size=32)
+    quantize_model(awq, "int4", group_size=32)
+    with torch.no_grad():
+        e_rtn, e_awq = _rel(rtn(ids), ref), _rel(awq(ids), ref)
+    assert e_awq < (0.7 if outliers else 1.05) * e_rtn, (e_awq, e_rtn)
+
+
+# -------------------------------------------------------------------------------------- files
+
+
+def test_bad_quantized_files_are_one_line_input_errors(trained: Transformer, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model = quantize_model(copy.deepcopy(trained), "int4", group_size=32)
+    path = save_quantized(model, tmp_path / "q.safetensors")
+    with pytest.raises(InputError, match="without a tokenizer"):
+        lmforge.load(str(path))
+    tok = Tokenizer.train(synthetic_documents(40), 300, workers=1, show_progress=False)
+    with pytest.raises(InputError, match="tokenizer has 300 ids"):  # the model's vocab is 64
+        lmforge.load(str(save_quantized(model, tmp_path / "q.safetensors", tok)))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    for bad, message in [(cut, "tensors do not match"), (foreign, "not an lmforge quantized")]:
+        with pytest.raises(InputError, match=message) as error:
+            open_quantized(bad)
+        assert "\n" not in str(error.value)
+    with pytest.raises(InputError, match=r"foreign\.safetensors"):
+        lmforge.load(str(foreign))  # not taken for a quantized file
+
+
+# -------------------------------------------------------------------------------------- stage
+
+TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 32}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory: a tiny model trained for a few steps on a tiny prepared data dir."""
+    root = tmp_path_factory.mktemp("quantize_run")
+    docs = synthetic_documents(300, seed=7)
+    Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
+                       out=str(root / "data"), preset="code", val_fraction=0.3, workers=1,
+                       progress=False, dedup={"near": False}))
+    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), model=TINY, batch_size=4,
+                      max_steps=30, warmup_steps=3, eval_every=30, eval_batches=2,
+                      save_every=30, sample_tokens=0, progress=False))
+    return root / "run"
+
+
+def _config(run: Path, out: Path, **overrides) -> QuantizeConfig:
+    values = dict(checkpoint=str(run), out=str(out), group_size=32, batch_size=4, eval_batches=2,
+                  calibration_batches=2, dtype="bf16", progress=False)
+    return QuantizeConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize(("mode", "method"), [("int8", "rtn"), ("int4", "gptq"),
+                                              ("int4", "awq")])
+def test_quantize_stage_end_to_end(run_dir: Path, tmp_path, mode: str, method: str) -> None:
+    report = quantize(_config(run_dir, tmp_path / "q.safetensors", mode=mode, method=method))
+    assert (report["mode"], report["method"], report["dtype"]) == (mode, method, "bf16")
+    assert report["group_size"] == (32 if mode == "int4" else None)
+    assert report["file_bytes"] == (tmp_path / "q.safetensors").stat().st_size
+    assert report["file_bytes"] < report["fp32_weights_bytes"] < report["checkpoint_file_bytes"]
+    assert report["quantized_layers_bytes"] < report["quantized_layers_fp32_bytes"] / 3.5
+    assert abs(report["bpb_change_pct"]) < 1.0, report
+    assert report["val_bpb_after"] == pytest.approx(report["val_bpb_before"], rel=0.02)
+    calibration = report["calibration_tokens"]
+    assert (calibration is None) == (method == "rtn")
+    assert calibration is None or calibration[0] >= report["eval_tokens"][1]  # disjoint
+    model, tok = lmforge.load(report["out"])  # self-contained: model, tokenizer, dtype
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    assert sum(isinstance(m, kind) for m in model.modules()) == 7 * TINY["n_layers"]
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert tok.fingerprint == Tokenizer.load(run_dir / "tokenizer.lmforge.json").fingerprint
+    with pytest.raises(InputError, match="already quantized"):
+        quantize(_config(Path(report["out"]), tmp_path / "again.safetensors"))
+
+
+def test_cli_quantize_then_generate_from_the_file(run_dir: Path, tmp_path, capsys) -> None:
+    out = tmp_path / "model.int4.pt"  # recognized by its content, whatever its name
+    assert main(["quantize", "--checkpoint", str(run_dir), "--out", str(out), "--group-size",
+                 "64", "--batch-size", "4", "--eval-batches", "2", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mode"], report["method"], report["group_size"]) == ("int4", "rtn", 64)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "the model",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the model")
+
+
+def test_calibration_windows_come_after_the_evaluation_windows(tmp_path) -> None:
+    write_shard(tmp_path / "val_00000.bin", [np.arange(2000)], np.dtype(np.uint16))
+    shards = [{"path": "val_00000.bin", "split": "val", "tokens": 2000, "documents": 1}]
+    write_manifest(tmp_path, {"shards": shards, **totals(shards)})
+    ids, (start, end) = calibration_batches(tmp_path, 4, 50, 3, first_token=801)
+    assert len(ids) == 3 and ids[0].shape == (4, 50)
+    positions = torch.cat(ids).flatten()  # token value = stream position
+    assert (start, end) == (positions.min().item(), positions.max().item() + 1) == (1200, 1800)
+    with pytest.raises(InputError, match="too small"):
+        calibration_batches(tmp_path, 4, 50, 3, first_token=1201)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"mode": "int3"}, "mode"), ({"method": "smoothquant"}, "method"),
+    ({"mode": "int8", "method": "gptq"}, "int4 codes"), ({"group_size": 0}, "group_size"),
+    ({"checkpoint": ""}, "checkpoint"), ({"eval_batches": 0}, "eval_batches")])
+def test_bad_config_values(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        QuantizeConfig(**{"checkpoint": "run", "out": "q.safetensors", **overrides})
+
+
+def test_missing_data_dir_is_named(run_dir: Path, tmp_path) -> None:
+    with pytest.raises(InputError, match="nowhere: not a prepared data directory"):
+        quantize(_config(run_dir, tmp_path / "q", data=str(tmp_path / "nowhere")))
+    ckpt = next((run_dir / "checkpoints").glob("*.pt"))  # a checkpoint outside its run: no
+    lone = tmp_path / "lone" / "checkpoints"  # config.json saying which data it trained on
+    lone.mkdir(parents=True)
+    (lone / ckpt.name).write_bytes(ckpt.read_bytes())
+    (lone.parent / "tokenizer.lmforge.json").write_bytes(
+        (run_dir / "tokenizer.lmforge.json").read_bytes())
+    with pytest.raises(ConfigError, match="give --data"):
+        quantize(_config(lone / ckpt.name, tmp_path / "q"))
+    with pytest.raises(SystemExit):  # argparse rejects an unknown choice
+        main(["quantize", "--checkpoint", str(run_dir), "--out", "q", "--method", "smoothquant"])

@@ -176,5 +176,5 @@ def test_bad_checkpoints_and_configs(data_dir, tmp_path):
         TrainConfig(data="d", grad_accum=0)
     with pytest.raises(ConfigError, match="seq_len: 64 exceeds the model context 32"):
         train(config(data_dir, tmp_path / "long", seq_len=64))
-    with pytest.raises(InputError, match="run directory has no checkpoints"):
+    with pytest.raises(InputError, match="neither a run directory"):
         lmforge.load(str(tmp_path))

@@ -9,6 +9,7 @@ from lmforge.inference.engine import (
     prefill,
     sample,
 )
+from lmforge.inference.text import generate_text
 
 __all__ = ["KVCache", "decode_one_token", "forward_cached", "generate", "generate_batch",
-           "prefill", "sample"]
+           "generate_text", "prefill", "sample"]

@@ -11,7 +11,8 @@ query ever attends to.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,37 +64,51 @@ class KVCache:
 # -------------------------------------------------------------------------------------- forward
 
 
-def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) -> Tensor:
+def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor,
+                   compiled: bool = False) -> Tensor:
     """Logits (B, T, vocab) for ids (B, T) appended to the cache at slots
     ``cache.length .. cache.length + T - 1``; ``positions`` (B, T) are their RoPE positions,
-    negative for left padding. Advances ``cache.length`` by T."""
+    negative for left padding. Advances ``cache.length`` by T. ``compiled``: run the step
+    through ``torch.compile`` (one graph per shape, reused by every decode step)."""
     T = ids.shape[1]
-    start, end = cache.length, cache.length + T
-    if end > cache.max_len:
-        raise InputError(f"KV cache overflow: {end} tokens do not fit in {cache.max_len} slots")
-    cache.valid[:, start:end] = positions >= 0
-    # Query i (slot start + i) sees earlier-or-same slots that hold real tokens. A padding query
+    if cache.length + T > cache.max_len:
+        raise InputError(f"KV cache overflow: {cache.length + T} tokens do not fit in "
+                         f"{cache.max_len} slots")
+    slots = torch.arange(cache.length, cache.length + T, device=ids.device)
+    step = _compiled_forward() if compiled else _forward
+    logits = step(model, cache.k, cache.v, cache.valid, ids, positions, slots)
+    cache.length += T
+    return logits
+
+
+def _forward(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor], valid: Tensor,
+             ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+    """:func:`forward_cached` on tensors only: the slots arrive as a tensor and attention
+    always spans the whole cache (masked), so every decode step has the same shapes and no
+    Python value that changes from step to step — which lets ``torch.compile`` capture it once.
+    """
+    valid.index_copy_(1, slots, positions >= 0)
+    # Query i (at slots[i]) sees earlier-or-same slots that hold real tokens. A padding query
     # would see nothing (softmax of all -inf is NaN), so every query also sees its own slot; no
     # real token ever attends to a padding slot, so that output never matters.
-    slots = torch.arange(end, device=ids.device)
-    query_slots = slots[start:, None]  # (T, 1)
-    mask = (slots <= query_slots) & cache.valid[:, None, :end]  # (B, T, end)
-    mask = (mask | (slots == query_slots))[:, None]  # (B, 1, T, end)
+    cache_slots = torch.arange(valid.shape[1], device=ids.device)  # (L,)
+    query_slots = slots[:, None]  # (T, 1)
+    mask = (cache_slots <= query_slots) & valid[:, None, :]  # (B, T, L)
+    mask = (mask | (cache_slots == query_slots))[:, None]  # (B, 1, T, L)
 
     rope = positions.clamp(min=0)
     cos = model.rope_cos[rope][:, None]  # (B, 1, T, head_dim)
     sin = model.rope_sin[rope][:, None]
     x = model.embed_tokens(ids)  # (B, T, d_model)
-    for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v, strict=True):
+    for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches, strict=True):
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
-                           k_cache, v_cache, start, end)
+                           k_cache, v_cache, slots)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    cache.length = end
     return model.lm_head(model.norm(x))
 
 
 def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
-               v_cache: Tensor, start: int, end: int) -> Tensor:
+               v_cache: Tensor, slots: Tensor) -> Tensor:
     """The model's Attention block, with keys/values written to and read from the cache."""
     B, T, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -101,12 +116,19 @@ def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tenso
     k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
     v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache[:, :, start:end] = k
-    v_cache[:, :, start:end] = v
-    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                       attn_mask=mask, enable_gqa=KV != H)
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                       enable_gqa=KV != H)  # (B, n_heads, T, head_dim)
     y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d_model)
     return attn.o_proj(y)
+
+
+@functools.cache
+def _compiled_forward() -> Callable[..., Tensor]:
+    """:func:`_forward` under ``torch.compile``, built on first use. ``dynamic=False``: each
+    (batch, cache length) gets its own specialized graph; a decode loop only ever sees one."""
+    return torch.compile(_forward, fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()
@@ -118,11 +140,12 @@ def prefill(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) 
 
 
 @torch.no_grad()
-def decode_one_token(model: Transformer, cache: KVCache, token: Tensor, pos: Tensor | int
-                     ) -> Tensor:
-    """Logits (B, vocab) after appending token (B, 1) at RoPE position ``pos`` (int or (B,))."""
+def decode_one_token(model: Transformer, cache: KVCache, token: Tensor, pos: Tensor | int,
+                     compiled: bool = False) -> Tensor:
+    """Logits (B, vocab) after appending token (B, 1) at RoPE position ``pos`` (int or (B,));
+    ``compiled``: through ``torch.compile`` (the first call compiles, later ones are fast)."""
     pos = torch.as_tensor(pos, device=token.device).expand(token.shape[0])
-    return forward_cached(model, cache, token, pos[:, None])[:, -1]
+    return forward_cached(model, cache, token, pos[:, None], compiled)[:, -1]
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -180,11 +203,14 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
 def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
-             generator: torch.Generator | None = None) -> Iterator[int]:
+             generator: torch.Generator | None = None, compile: bool = False
+             ) -> Iterator[int]:
     """Stream new token ids after ``prompt_ids``; a stop id ends the stream and is not yielded.
 
     ``max_new_tokens`` is clipped so that prompt + new tokens fit in the model's context.
-    Sampling arguments as in :func:`sample` (temperature 0: greedy).
+    Sampling arguments as in :func:`sample` (temperature 0: greedy). ``compile``: decode
+    steps run through ``torch.compile`` (the first call pays the compilation: ~20 s on 2 CPU
+    cores; worth it for long or repeated generations).
     """
     prompts = [list(prompt_ids)]
     max_new_tokens = _check_inputs(model, prompts, max_new_tokens)  # raise now, not on next()
@@ -192,7 +218,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
 
     def stream() -> Iterator[int]:
         for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    repetition_penalty, stop_ids, generator):
+                                    repetition_penalty, stop_ids, generator, compile):
             token = int(step[0])
             if token in stops:
                 return
@@ -204,18 +230,19 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    *, temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, repetition_penalty: float = 1.0,
-                   stop_ids: Sequence[int] = (), generator: torch.Generator | None = None
-                   ) -> list[list[int]]:
+                   stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                   compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (lengths may differ; they are left-padded), decoded
     together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
-    (clipped so the longest prompt + new tokens fit in the context)."""
+    (clipped so the longest prompt + new tokens fit in the context). Other arguments as in
+    :func:`generate`."""
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, max_new_tokens)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     stops = set(stop_ids)
     for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, stop_ids, generator):
+                                repetition_penalty, stop_ids, generator, compile):
         for row, token in enumerate(step.tolist()):
             if not done[row]:
                 if token in stops:
@@ -250,7 +277,7 @@ def _check_inputs(model: Transformer, prompts: list[list[int]], max_new_tokens: 
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     temperature: float, top_k: int | None, top_p: float | None,
                     repetition_penalty: float, stop_ids: Sequence[int],
-                    generator: torch.Generator | None) -> Iterator[Tensor]:
+                    generator: torch.Generator | None, compile: bool) -> Iterator[Tensor]:
     """Yield next tokens (B,) per step until every row has hit a stop id or the length cap."""
     if max_new_tokens == 0:
         return
@@ -267,18 +294,17 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
         logits = prefill(model, cache, ids, positions)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        generated: list[Tensor] = []
+        generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
         pos = positions[:, -1]
         for step in range(max_new_tokens):
-            previous = torch.stack(generated, dim=1) if generated else None
             token = sample(logits, temperature, top_k, top_p, repetition_penalty, generator,
-                           previous)
+                           generated[:, :step])
             yield token
             done |= torch.isin(token, stops)
             if step == max_new_tokens - 1 or bool(done.all()):
                 return
-            generated.append(token)
+            generated[:, step] = token
             pos = pos + 1
-            logits = decode_one_token(model, cache, token[:, None], pos)
+            logits = decode_one_token(model, cache, token[:, None], pos, compile)
     finally:
         model.train(was_training)

@@ -1,5 +1,6 @@
 """Byte-level BPE tokenizer: training, encoding, files and Hugging Face / tiktoken interchange."""
 
+from lmforge.tokenizer.chat import CHAT_TEMPLATE, Message, render_chat
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from lmforge.tokenizer.tokenizer import (
     CHAT_TOKENS,
@@ -10,5 +11,6 @@ from lmforge.tokenizer.tokenizer import (
     Tokenizer,
 )
 
-__all__ = ["CHAT_TOKENS", "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "GPT2_PATTERN", "GPT4_PATTERN",
-           "PAD", "PATTERNS", "StreamDecoder", "Tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "CHAT_TOKENS", "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "GPT2_PATTERN",
+           "GPT4_PATTERN", "PAD", "PATTERNS", "Message", "StreamDecoder", "Tokenizer",
+           "render_chat"]

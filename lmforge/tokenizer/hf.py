@@ -17,8 +17,9 @@ from typing import Any
 from lmforge.errors import TokenizerFileError
 from lmforge.files import atomic_write_text
 from lmforge.tokenizer.bytelevel import bytes_to_str, str_to_bytes
+from lmforge.tokenizer.chat import CHAT_TEMPLATE
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN
-from lmforge.tokenizer.tokenizer import ENDOFTEXT, PAD, Tokenizer
+from lmforge.tokenizer.tokenizer import CHAT_TOKENS, ENDOFTEXT, PAD, Tokenizer
 
 
 def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
 
 
 def hf_tokenizer_config(tok: Tokenizer, model_max_length: int | None = None) -> dict[str, Any]:
-    """``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` loads the directory."""
+    """``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` loads the directory, with
+    the chat template when the tokenizer has the chat special tokens."""
     specials = tok.special_tokens
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -67,6 +69,8 @@ def hf_tokenizer_config(tok: Tokenizer, model_max_length: int | None = None) -> 
         "unk_token": None,
         "additional_special_tokens": [s for s in specials if s not in (ENDOFTEXT, PAD)],
     }
+    if all(t in specials for t in CHAT_TOKENS):
+        config["chat_template"] = CHAT_TEMPLATE
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
     return config

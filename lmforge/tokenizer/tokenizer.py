@@ -282,11 +282,16 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the tokenizer file (JSON, versioned, with a fingerprint), atomically."""
+    def to_json(self) -> str:
+        """The tokenizer file's text (JSON, versioned, with a fingerprint); :meth:`from_json`
+        reads it back. Lets other files (a quantized model) embed the tokenizer."""
         doc = {"format": FILE_FORMAT, "version": FILE_VERSION, "fingerprint": self.fingerprint,
                **self._body()}
-        return atomic_write_text(path, json.dumps(doc, ensure_ascii=False, indent=0))
+        return json.dumps(doc, ensure_ascii=False, indent=0)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer file (:meth:`to_json`), atomically."""
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -294,35 +299,45 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerFileError(f"{path}: no such tokenizer file")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             raise TokenizerFileError(f"{path}: not a tokenizer file (not valid JSON: {e})"
+                                     ) from None
+        return cls.from_json(text, path)
+
+    @classmethod
+    def from_json(cls, text: str, source: str | Path = "<tokenizer JSON>") -> Tokenizer:
+        """The tokenizer in ``text`` (a tokenizer file's content); errors name ``source``."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TokenizerFileError(f"{source}: not a tokenizer file (not valid JSON: {e})"
                                      ) from None
         if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
             hint = (" It looks like a Hugging Face tokenizer.json: use `lmforge tokenizer import`."
                     if isinstance(doc, dict) and "model" in doc else "")
-            raise TokenizerFileError(f"{path}: not an lmforge tokenizer file "
+            raise TokenizerFileError(f"{source}: not an lmforge tokenizer file "
                                      f"(no \"format\": \"{FILE_FORMAT}\").{hint}")
         if doc.get("version") != FILE_VERSION:
-            raise TokenizerFileError(f"{path}: tokenizer file version {doc.get('version')!r} is "
+            raise TokenizerFileError(f"{source}: tokenizer file version {doc.get('version')!r} is "
                                      f"not supported (this lmforge reads version {FILE_VERSION})")
         try:
-            tokens = {i: str_to_bytes(t, f"{path}: tokens[{i}]")
+            tokens = {i: str_to_bytes(t, f"{source}: tokens[{i}]")
                       for i, t in enumerate(doc["tokens"]) if t is not None}
             merges = []
             for k, m in enumerate(doc["merges"]):
                 a, b = m.split(" ")
-                merges.append((str_to_bytes(a, f"{path}: merges[{k}]"),
-                               str_to_bytes(b, f"{path}: merges[{k}]")))
+                merges.append((str_to_bytes(a, f"{source}: merges[{k}]"),
+                               str_to_bytes(b, f"{source}: merges[{k}]")))
             tok = cls(tokens, merges, dict(doc["special_tokens"]), doc["pattern"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, TokenizerFileError):
-                raise TokenizerFileError(f"{path}: {e}") from None
-            raise TokenizerFileError(f"{path}: corrupt tokenizer file ({type(e).__name__}: {e})"
+                raise TokenizerFileError(f"{source}: {e}") from None
+            raise TokenizerFileError(f"{source}: corrupt tokenizer file ({type(e).__name__}: {e})"
                                      ) from None
         if tok.fingerprint != doc.get("fingerprint"):
-            raise TokenizerFileError(f"{path}: corrupt tokenizer file (content does not match its "
-                                     "fingerprint; was it edited or truncated?)")
+            raise TokenizerFileError(f"{source}: corrupt tokenizer file (content does not match "
+                                     "its fingerprint; was it edited or truncated?)")
         return tok
 
     def __getstate__(self) -> dict:

@@ -21,6 +21,7 @@ from lmforge.errors import InputError
 from lmforge.files import atomic_path, atomic_write_text
 
 INDEX = "index.json"
+TOKENIZER_FILE = "tokenizer.lmforge.json"  # the run's copy of its tokenizer, next to checkpoints/
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,7 +93,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # load only checkpoints you made.
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a damaged archive
-        raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        hint = (" (for a Hugging Face model, give its directory)"
+                if path.suffix in (".json", ".safetensors") else "")
+        # torch's messages run to paragraphs: the first sentence names the problem
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise InputError(f"{path}: unreadable checkpoint, expected a .pt file saved by lmforge "
+                         f"training{hint} ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not an lmforge checkpoint (no model/config inside)")
     return state
@@ -112,23 +118,52 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a run directory (best checkpoint, else latest), a checkpoint
-    file (the tokenizer is the run's copy, checked against the checkpoint's fingerprint), or a
-    Hugging Face Llama directory."""
+    file (the tokenizer is the run's copy, checked against the checkpoint's fingerprint), a
+    quantized model file (``lmforge quantize``; it holds its tokenizer) or a Hugging Face Llama
+    directory."""
     from lmforge.model import ModelConfig, Transformer
+    from lmforge.quantize.io import open_quantized, quantized_metadata
     from lmforge.tokenizer import Tokenizer
 
-    if (Path(path) / "config.json").is_file() and not (Path(path) / "checkpoints").is_dir():
-        from lmforge.export.hf import load_hf_model  # a Hugging Face Llama directory
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint file, run directory or Hugging Face "
+                         "model directory")
+    if path.is_file() and quantized_metadata(path) is not None:
+        return open_quantized(path, device)
+    is_run_dir = (path / "checkpoints").is_dir() or (path / TOKENIZER_FILE).is_file()
+    if path.is_dir() and not is_run_dir:
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: neither a run directory (no checkpoints/ or "
+                             f"{TOKENIZER_FILE}) nor a Hugging Face model directory (no "
+                             "config.json)")
+        from lmforge.export.hf import load_hf_model
 
         model, tokenizer = load_hf_model(path)
+        tok_file = path / "tokenizer.json"
+        check_vocab(tokenizer.vocab_size, model.config.vocab_size,
+                    tok_file if tok_file.is_file() else path, path / "config.json")
         return model.to(device), tokenizer
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
-    run_dir = ckpt.parent.parent
-    tok_path = run_dir / "tokenizer.lmforge.json"
+    tok_path = ckpt.parent.parent / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise InputError(f"{ckpt}: its run's tokenizer {tok_path} is missing (a checkpoint file "
+                         f"is read with the {TOKENIZER_FILE} of its run directory)")
     tokenizer = Tokenizer.load(tok_path)
+    check_vocab(tokenizer.vocab_size, state["model_config"]["vocab_size"], tok_path, ckpt)
     if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
         raise InputError(f"{tok_path}: tokenizer does not match the checkpoint {ckpt}")
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer_file: str | Path,
+                model_file: str | Path) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for. A model vocabulary larger
+    than the tokenizer's is fine: it is often padded to a multiple of 64 for speed."""
+    if tokenizer_vocab > model_vocab:
+        raise InputError(f"{tokenizer_file}: the tokenizer has {tokenizer_vocab} ids but the "
+                         f"model in {model_file} only {model_vocab} (vocab_size); they do not "
+                         "belong together: use the tokenizer the model was trained with")

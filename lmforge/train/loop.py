@@ -26,7 +26,13 @@ from lmforge.generate import sample
 from lmforge.model import ModelConfig, Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
-from lmforge.train.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
+from lmforge.train.checkpoint import (
+    TOKENIZER_FILE,
+    Checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (
     DistEnv,
@@ -42,8 +48,6 @@ from lmforge.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.spikes import SpikeConfig, SpikeDetector
 from lmforge.train.validation import Validator, token_bytes, unigram_bpb
-
-TOKENIZER_FILE = "tokenizer.lmforge.json"
 
 # Known dense bf16 peaks (FLOP/s) for MFU: NVIDIA H100/H200 SXM datasheets, A100 datasheet.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -1,0 +1,137 @@
+"""The chat loop behind ``lmforge chat``: read user lines, answer each with the model, stream it.
+
+The whole conversation is rendered with :func:`lmforge.tokenizer.render_chat` on every turn (the
+model has no memory of its own). When it grows too long for the context, the oldest user/assistant
+turns are dropped, never the system message. The loop takes its input lines and output functions
+as arguments, so it runs the same on a terminal and in a test.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import option
+from lmforge.errors import ConfigError
+from lmforge.inference.text import generate_text
+from lmforge.model import Transformer
+from lmforge.tokenizer import CHAT_TOKENS, ENDOFTEXT, Message, Tokenizer, render_chat
+
+COMMANDS = {"/reset": "forget the conversation, keep the system message",
+            "/exit": "quit, as does the end of the input"}
+
+
+@dataclass
+class ChatConfig:
+    """How ``lmforge chat`` answers."""
+
+    system: str | None = option(None, "system message that starts every conversation")
+    max_new_tokens: int = option(256, "longest reply in tokens (also cut where the context ends)")
+    temperature: float = option(0.8, "sampling temperature; 0: greedy")
+    top_k: int | None = option(50, "sample among the k most likely tokens; none: all")
+    top_p: float | None = option(None, "sample among the most likely tokens summing to p")
+    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in the reply; 1: off")
+    seed: int = option(0, "seed of the sampling generator")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k: must be >= 1 or none, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1] or none, got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+
+
+def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str],
+         write: Callable[[str], None], config: ChatConfig, *, prompt: str = "",
+         notify: Callable[[str], None] | None = None) -> list[Message]:
+    """Answer each line of ``lines`` (a user message, or a command: /reset, /exit) with a reply
+    streamed through ``write``; ``prompt`` is written before each line is read, notes (dropped
+    turns, messages too long) go to ``notify`` (default: standard error). Returns the history."""
+    notify = notify or _to_stderr
+    system = [Message("system", config.system)] if config.system is not None else []
+    history = list(system)
+    generator = torch.Generator().manual_seed(config.seed)
+    render_chat(tokenizer, [])  # a tokenizer without the chat tokens fails before any input
+    # <|end|> ends the reply; so do a new turn's marker and a document end, should they come
+    stop_ids = [tokenizer.token_id(s) for s in (*CHAT_TOKENS, ENDOFTEXT)
+                if s in tokenizer.special_tokens]
+    # at least this much of the context is kept free for the reply, however long the history
+    reserve = min(config.max_new_tokens, model.config.context // 2)
+    remaining = iter(lines)
+    while True:
+        if prompt:
+            write(prompt)
+        line = next(remaining, None)
+        if line is None:
+            if prompt:  # end the prompt's line, as the user's Enter would have
+                write("\n")
+            return history
+        text = line.rstrip("\r\n")
+        word = text.strip()
+        if word == "/exit":
+            return history
+        if word == "/reset":
+            history = list(system)
+            notify("conversation reset")
+            continue
+        if word.startswith("/") and " " not in word:  # a one-word /command, mistyped
+            notify(f"unknown command {word}; commands: "
+                   + "; ".join(f"{c} ({what})" for c, what in COMMANDS.items()))
+            continue
+        if not word:
+            continue
+        history.append(Message("user", text))
+        ids, dropped = _fit(tokenizer, history, len(system), model.config.context - reserve)
+        if ids is None:
+            history.pop()
+            notify(f"message too long: in the chat format (with the system message, if any) "
+                   f"it takes more than {model.config.context - reserve} of the model's "
+                   f"{model.config.context} context tokens, the rest being kept for the reply; "
+                   "shorten it")
+            continue
+        if dropped:
+            turns = sum(m.role == "user" for m in history[len(system):len(system) + dropped])
+            del history[len(system):len(system) + dropped]
+            notify(f"dropped the oldest {turns} turn(s) of the conversation to fit the model's "
+                   f"context of {model.config.context} tokens")
+        reply = []
+        for chunk in generate_text(model, tokenizer, ids, config.max_new_tokens,
+                                   stop_ids=stop_ids, temperature=config.temperature,
+                                   top_k=config.top_k, top_p=config.top_p,
+                                   repetition_penalty=config.repetition_penalty,
+                                   generator=generator):
+            write(chunk)
+            reply.append(chunk)
+        write("\n")
+        history.append(Message("assistant", "".join(reply)))
+
+
+def _fit(tokenizer: Tokenizer, history: list[Message], first: int, budget: int
+         ) -> tuple[list[int] | None, int]:
+    """Ids of the history with a generation prompt, after dropping the fewest oldest turns (from
+    index ``first``, which follows the system message) so that they number at most ``budget``;
+    and how many messages were dropped. None if even the last message alone is too long."""
+    dropped = 0
+    while True:
+        kept = history[:first] + history[first + dropped:]
+        ids = render_chat(tokenizer, kept)
+        if len(ids) <= budget:
+            return ids, dropped
+        if first + dropped == len(history) - 1:  # only the new user message is left
+            return None, 0
+        # a turn is a user message and the replies after it, up to the next user message
+        dropped += 1
+        while history[first + dropped].role != "user":
+            dropped += 1
+
+
+def _to_stderr(note: str) -> None:
+    print(note, file=sys.stderr, flush=True)
