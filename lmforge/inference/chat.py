@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,11 @@ class ChatConfig:
     top_p: float | None = option(None, "sample among the most likely tokens summing to p")
     repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in the reply; 1: off")
     seed: int = option(0, "seed of the sampling generator")
+    dtype: Literal["fp32", "bf16"] | None = option(
+        None, "cast the weights to this dtype (default: as stored); bf16 pays off on large "
+              "models")
+    compile: bool = option(False, "torch.compile the decode step (the first reply waits for "
+                                  "the compilation)")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -107,7 +113,7 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str],
                                    stop_ids=stop_ids, temperature=config.temperature,
                                    top_k=config.top_k, top_p=config.top_p,
                                    repetition_penalty=config.repetition_penalty,
-                                   generator=generator):
+                                   generator=generator, compile=config.compile):
             write(chunk)
             reply.append(chunk)
         write("\n")

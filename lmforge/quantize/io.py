@@ -14,13 +14,14 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.files import atomic_path
+from lmforge.hardware import DTYPES, DType
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize.layers import MODES, Int4Linear, Int8Linear
 from lmforge.quantize.rtn import set_submodule
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 FORMAT = "lmforge-quantized"
 FORMAT_VERSION = 2  # 2: safetensors + JSON metadata (1 was a torch.save pickle)
-DType = Literal["fp32", "bf16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def quantization_of(model: nn.Module) -> tuple[str, int | None, list[str]]:

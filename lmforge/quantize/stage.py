@@ -22,13 +22,12 @@ from torch import Tensor
 
 from lmforge.config import option
 from lmforge.errors import ConfigError, InputError
+from lmforge.hardware import DTYPES, resolve_dtype
 from lmforge.model import Transformer
 from lmforge.quantize.awq import awq_scale_model
 from lmforge.quantize.calibration import calibration_batches
 from lmforge.quantize.gptq import gptq_quantize_model
 from lmforge.quantize.io import (
-    DTYPES,
-    DType,
     file_size,
     open_quantized,
     quantized_metadata,
@@ -113,14 +112,6 @@ def run_data_dir(checkpoint: Path) -> str:
     return data
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> DType:
-    if dtype != "auto":
-        return dtype  # type: ignore[return-value]
-    from lmforge.train.loop import native_bf16
-
-    return "bf16" if native_bf16(device) else "fp32"
-
-
 def apply_method(model: Transformer, calibration: list[Tensor], config: QuantizeConfig
                  ) -> dict[str, float]:
     """Quantize the float ``model`` in place with ``config``'s method, mode and group size;
@@ -169,7 +160,7 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
         calibration, calibration_range = calibration_batches(
             data, config.batch_size, config.calibration_seq_len or model.config.context,
             config.calibration_batches, eval_end, device)
-    dtype = _resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device)
     no_autocast = contextlib.nullcontext()
     before = validator.run(copy.deepcopy(model).to(DTYPES[dtype]), no_autocast)
     fp32_bytes = size_report(model).total_bytes

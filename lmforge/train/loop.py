@@ -23,6 +23,7 @@ from lmforge.data.manifest import load_manifest
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_text
 from lmforge.generate import sample
+from lmforge.hardware import native_bf16
 from lmforge.model import ModelConfig, Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
@@ -64,13 +65,6 @@ def _peak_flops(config: TrainConfig, env: DistEnv) -> float:
         name = torch.cuda.get_device_name(env.device)
         return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
     return 0.0
-
-
-def native_bf16(device: torch.device) -> bool:
-    """bf16 matmuls in hardware: any recent CUDA GPU; CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return True
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _autocast(config: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
