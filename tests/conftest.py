@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
 from lmforge.data.builtin import python_src
+from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.tokenizer import Tokenizer
 
 _WORDS = ["the", "model", "learns", "byte", "pair", "merges", "from", "text", "and", "code",
@@ -29,6 +32,18 @@ def synthetic_documents(n: int, seed: int = 0) -> list[str]:
             lines.append(line)
         docs.append(rng.choice(["\n", "\n\n", "\r\n"]).join(lines) + rng.choice(["", "\n", " "]))
     return docs
+
+
+def prepare_tiny_data(root: Path, n_docs: int, seed: int, val_fraction: float) -> Path:
+    """A prepared data directory ``root/data`` of synthetic documents, with its 320-id tokenizer
+    at ``root/tok.json``."""
+    docs = synthetic_documents(n_docs, seed=seed)
+    Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
+                       out=str(root / "data"), preset="code", val_fraction=val_fraction,
+                       workers=1, progress=False, dedup={"near": False}))
+    return root / "data"
 
 
 @pytest.fixture(scope="session")

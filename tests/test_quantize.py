@@ -18,7 +18,6 @@ from torch import nn
 import lmforge
 from lmforge.cli import main
 from lmforge.data.manifest import totals, write_manifest
-from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.shards import write_shard
 from lmforge.errors import ConfigError, InputError
 from lmforge.model import ModelConfig, Transformer, lm_loss
@@ -45,7 +44,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import train
 
-from .conftest import synthetic_documents
+from .conftest import prepare_tiny_data, synthetic_documents
 
 CONFIG = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=32)
 
@@ -377,12 +376,7 @@ TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 
 def run_dir(tmp_path_factory) -> Path:
     """A run directory: a tiny model trained for a few steps on a tiny prepared data dir."""
     root = tmp_path_factory.mktemp("quantize_run")
-    docs = synthetic_documents(300, seed=7)
-    Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
-                       out=str(root / "data"), preset="code", val_fraction=0.3, workers=1,
-                       progress=False, dedup={"near": False}))
+    prepare_tiny_data(root, 300, seed=7, val_fraction=0.3)
     train(TrainConfig(data=str(root / "data"), out=str(root / "run"), model=TINY, batch_size=4,
                       max_steps=30, warmup_steps=3, eval_every=30, eval_batches=2,
                       save_every=30, sample_tokens=0, progress=False))

@@ -15,15 +15,13 @@ import torch
 import lmforge
 from lmforge.cli import main
 from lmforge.data.loader import TokenLoader
-from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.errors import ConfigError, InputError
-from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainingError, train
 from lmforge.train.metrics import read_metrics
 
-from .conftest import synthetic_documents
+from .conftest import prepare_tiny_data
 
 TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 32}
 # A tiny model's early loss falls fast and its gradient norm jumps on ordinary batches: a short
@@ -34,14 +32,8 @@ SPIKE = {"window": 10, "min_history": 5, "z_threshold": 4.0, "grad_z_threshold":
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_data")
-    docs = synthetic_documents(400, seed=5)
-    Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
-                       out=str(root / "data"), preset="code", val_fraction=0.2, workers=1,
-                       progress=False, dedup={"near": False}))
-    return root / "data"
+    return prepare_tiny_data(tmp_path_factory.mktemp("train_data"), 400, seed=5,
+                             val_fraction=0.2)
 
 
 def config(data_dir: Path, out: Path, **kw) -> TrainConfig:
