@@ -139,9 +139,9 @@ def datasketch():
 
 
 def datasketch_signatures(texts: list[str]) -> list:
-    out = []
+    out, minhash = [], datasketch().MinHash  # import check once, outside the per-document loop
     for text in texts:
-        m = datasketch().MinHash(num_perm=BANDS * ROWS, seed=1)
+        m = minhash(num_perm=BANDS * ROWS, seed=1)
         m.update_batch([s.encode("utf-8") for s in shingles(text)])
         out.append(m)
     return out

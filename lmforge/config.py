@@ -32,6 +32,15 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+def check_at_least(config: Any, minimum: float, *names: str, prefix: str = "") -> None:
+    """For ``__post_init__``: reject the first field of ``names`` whose value is below ``minimum``
+    (``prefix`` names the section, e.g. ``"spike."``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ConfigError(f"{prefix}{name}: must be >= {minimum}, got {value}")
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """``value`` as type ``hint`` (int, float, str, bool, dict, Literal, list[X], X | None)."""
     origin = typing.get_origin(hint)

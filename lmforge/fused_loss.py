@@ -4,8 +4,9 @@ The LM head's logits are (tokens × vocab): 4096 × 8192 fp32 is 128 MiB, writte
 softmax, written again as a gradient and read by two matmuls. Here the rows are processed in
 chunks that stay in cache: each chunk's logits give its loss *and* its gradients (softmax − one-hot)
 at once, so the backward pass only scales what the forward pass stored. Same FLOPs, far less memory
-traffic (1.46× faster for the quickstart's LM head on one CPU core; see docs/training.md). The
-result equals ``F.cross_entropy(h @ weight.T, targets)`` (tested, values and gradients).
+traffic (1.27–1.41× faster for the quickstart's LM head on one CPU thread, measured with
+benchmarks/train_bench.py). The result equals ``F.cross_entropy(h @ weight.T, targets)`` (tested,
+values and gradients).
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from lmforge.data.builtin import python_src
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.model import Transformer
 
 _WORDS = ["the", "model", "learns", "byte", "pair", "merges", "from", "text", "and", "code",
           "while", "données", "naïves", "café", "日本語", "тексты", "123", "4567", "emoji",
@@ -46,6 +50,24 @@ def prepare_tiny_data(root: Path, n_docs: int, seed: int, val_fraction: float) -
     return root / "data"
 
 
+def random_model(vocab_size: int, tie: bool) -> Transformer:
+    """A seeded random Llama-shaped model for the export tests: a non-default RoPE base and norm
+    gains away from 1, so a mis-mapped config field or norm weight shows."""
+    import torch  # here, not at the top: the tokenizer and data tests do not need torch
+
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, context=64, tie_embeddings=tie,
+                                    rope_theta=50_000.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def code_documents() -> list[str]:
     """The first 60 standard-library files (they ship with Python: hermetic and real)."""
@@ -70,3 +92,21 @@ def held_out(code_documents: list[str]) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer(corpus: list[str]) -> Tokenizer:
     return Tokenizer.train(corpus, 1024, workers=1, show_progress=False)
+
+
+def tiny_model(n_heads: int = 4, n_kv_heads: int = 2, context: int = 64, vocab_size: int = 97
+               ) -> Transformer:
+    """A seeded 2-layer model for the inference tests, its matrices scaled ×10 from the init so
+    that logits are far from uniform (greedy choices then depend on the prompt)."""
+    import torch
+
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2,
+                                    n_heads=n_heads, n_kv_heads=n_kv_heads, context=context))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model.eval()

@@ -7,30 +7,18 @@ import io
 import sys
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError, InputError
 from lmforge.export.hf import export_hf
 from lmforge.inference import generate_text
 from lmforge.inference.chat import ChatConfig, chat
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.tokenizer import CHAT_TOKENS, ENDOFTEXT, Message, Tokenizer, render_chat
 
-from .conftest import synthetic_documents
+from .conftest import synthetic_documents, tiny_model
 
 GREEDY = ChatConfig(system="Be brief.", max_new_tokens=8, temperature=0)
-
-
-def random_model(vocab_size: int, context: int) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4,
-                                    n_kv_heads=2, context=context)).eval()
-    with torch.no_grad():  # far from uniform logits, so greedy replies vary with the prompt
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
 
 
 def run(model: Transformer, tok: Tokenizer, lines: list[str], config: ChatConfig = GREEDY
@@ -49,7 +37,7 @@ def reply_to(model: Transformer, tok: Tokenizer, messages: list[Message]) -> str
 
 
 def test_each_reply_continues_the_rendered_history(tokenizer):
-    model = random_model(tokenizer.vocab_size, context=256)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=256)
     history, out, notes = run(model, tokenizer, ["hello there\n", "tell me more\n"])
     assert [(m.role, m.content) for m in history[:2]] == [("system", "Be brief."),
                                                           ("user", "hello there")]
@@ -62,7 +50,7 @@ def test_each_reply_continues_the_rendered_history(tokenizer):
 
 
 def test_oldest_turns_make_way_and_the_system_message_stays(tokenizer):
-    model = random_model(tokenizer.vocab_size, context=64)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=64)
     lines = [f"question {i}: the model learns byte pair merges" for i in range(5)]
     history, _, notes = run(model, tokenizer, lines)
     assert any(n.startswith("dropped the oldest 1 turn(s)") for n in notes)
@@ -74,7 +62,7 @@ def test_oldest_turns_make_way_and_the_system_message_stays(tokenizer):
 
 
 def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(tokenizer):
-    model = random_model(tokenizer.vocab_size, context=64)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=64)
     history, out, notes = run(model, tokenizer, ["hi", "word " * 80, "bye"])
     assert len(notes) == 1 and notes[0].startswith("message too long")
     assert "56 of the model's 64 context tokens" in notes[0]
@@ -83,7 +71,7 @@ def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(token
 
 
 def test_reset_exit_and_mistyped_commands(tokenizer):
-    model = random_model(tokenizer.vocab_size, context=256)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=256)
     history, out, notes = run(model, tokenizer,
                               ["hello", "more", "/reset", "hello", "/help", "", "/exit", "late"])
     assert notes[0] == "conversation reset"
@@ -96,7 +84,7 @@ def test_chat_needs_the_chat_tokens_and_sane_settings(tokenizer):
     plain = Tokenizer.train(synthetic_documents(20), 300, special_tokens=["<|endoftext|>"],
                             workers=1, show_progress=False)
     with pytest.raises(InputError, match="lacks the chat special tokens"):
-        run(random_model(300, 64), plain, ["hi"])
+        run(tiny_model(vocab_size=300, context=64), plain, ["hi"])
     with pytest.raises(ConfigError, match=r"top_p: must be in \(0, 1\]"):
         ChatConfig(top_p=0.0)
     with pytest.raises(ConfigError, match="max_new_tokens: must be >= 1"):
@@ -104,7 +92,7 @@ def test_chat_needs_the_chat_tokens_and_sane_settings(tokenizer):
 
 
 def test_cli_chat_reads_standard_input(tokenizer, tmp_path, monkeypatch, capsys):
-    model = random_model(tokenizer.vocab_size, context=128)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=128)
     export_hf(model, tokenizer, tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n/exit\n"))
     assert main(["chat", "--checkpoint", str(tmp_path), "--system", "Be brief.",

@@ -162,7 +162,8 @@ def test_planted_near_duplicates_are_found_and_the_lowest_index_kept(originals):
     reps = near_duplicate_clusters(MinHasher(DedupConfig()).signatures(originals + copies), 14, 8)
     assert reps.dtype == np.int64
     assert np.mean(reps[n:] == np.arange(n)) >= 0.95
-    assert set(reps[n:].tolist()) <= set(range(2 * n))
+    # A copy joins its own source or stays alone, never another document's cluster.
+    assert np.mean([r not in (i, n + i) for i, r in enumerate(reps[n:].tolist())]) <= 0.01
     assert np.mean(reps[:n] != np.arange(n)) <= 0.01
     # Order defines which one is kept: a copy placed first is the representative.
     first = near_duplicates(MinHasher(DedupConfig()).signatures([copies[0], originals[0]]), 14, 8)

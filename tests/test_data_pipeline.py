@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -66,11 +67,15 @@ def config(tmp_path, corpus_path, tok_path, **kw) -> DataConfig:
     return DataConfig(**values)
 
 
-def test_prepare_filters_dedups_and_writes_shards(tmp_path, corpus, tok_path):
+def test_prepare_filters_dedups_and_writes_shards(tmp_path, corpus, tok_path, monkeypatch):
     corpus_path, docs = corpus
-    manifest = prepare(config(tmp_path, corpus_path, tok_path, rejects=True))
+    cfg = config(tmp_path, corpus_path, tok_path, rejects=True)
+    manifest = prepare(cfg)
     out = tmp_path / "out"
     assert manifest == load_manifest(out)
+    with monkeypatch.context() as m:  # a finished directory is returned without reading inputs
+        m.setattr(pipeline, "documents", None)
+        assert prepare(cfg) == manifest
     assert manifest["stats"]["dedup"] == {"exact": 1, "near": 1}
     assert manifest["stats"]["filters"]["empty"] == 1
     assert sum(manifest["stats"]["filters"].values()) == 2
@@ -133,7 +138,7 @@ def test_rank_partitioning_covers_every_document_once(tmp_path, corpus, tok_path
     for rank in range(3):
         cfg = config(tmp_path, corpus_path, tok_path, rank=rank, world_size=3)
         meta: list = []
-        for _ in pipeline._chunks(cfg, ReadOptions(), meta, pipeline.Counter()):
+        for _ in pipeline._chunks(cfg, ReadOptions(), meta, Counter()):
             pass
         names.append([m.name for m in meta])
     flat = [n for part in names for n in part]

@@ -6,30 +6,19 @@ import pytest
 import torch
 
 from lmforge.export.gguf import export_gguf, gguf_tensors, interleave_rope_rows
-from lmforge.model import ModelConfig, Transformer, apply_rope, rope_tables
+from lmforge.model import apply_rope, rope_tables
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.bytelevel import bytes_to_str
 
-from .conftest import synthetic_documents
+from .conftest import random_model, synthetic_documents
 
 gguf = pytest.importorskip("gguf")
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer: Tokenizer) -> Tokenizer:
-    return tokenizer
-
-
-def model_for(tok: Tokenizer, tie: bool) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
-                                   n_kv_heads=2, context=32, tie_embeddings=tie))
-
-
 @pytest.mark.parametrize("tie", [True, False])
-def test_gguf_reads_back_with_the_same_tensors_and_metadata(tok, tmp_path, tie):
-    model = model_for(tok, tie)
-    path = export_gguf(model, tok, tmp_path / "m.gguf")
+def test_gguf_reads_back_with_the_same_tensors_and_metadata(tokenizer, tmp_path, tie):
+    model = random_model(tokenizer.vocab_size, tie)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(str(path))
     fields = {name: field.contents() for name, field in reader.fields.items()}
     cfg = model.config
@@ -40,12 +29,12 @@ def test_gguf_reads_back_with_the_same_tensors_and_metadata(tok, tmp_path, tie):
     assert fields["llama.feed_forward_length"] == cfg.ffn_width
     assert fields["llama.rope.freq_base"] == pytest.approx(cfg.rope_theta)
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "llama-bpe"
-    assert fields["tokenizer.ggml.eos_token_id"] == tok.special_tokens["<|endoftext|>"]
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.special_tokens["<|endoftext|>"]
     tokens = fields["tokenizer.ggml.tokens"]
-    assert len(tokens) == tok.vocab_size
-    assert tokens[tok.special_tokens["<|endoftext|>"]] == "<|endoftext|>"
+    assert len(tokens) == tokenizer.vocab_size
+    assert tokens[tokenizer.special_tokens["<|endoftext|>"]] == "<|endoftext|>"
     assert tokens[:256] == [bytes_to_str(bytes([b])) for b in range(256)]
-    assert fields["tokenizer.ggml.merges"][0] == " ".join(map(bytes_to_str, tok.merges[0]))
+    assert fields["tokenizer.ggml.merges"][0] == " ".join(map(bytes_to_str, tokenizer.merges[0]))
 
     written = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     expected = gguf_tensors(model)
@@ -87,4 +76,4 @@ def test_custom_split_pattern_is_refused(tmp_path):
     tok = Tokenizer.train(synthetic_documents(30), 270, pattern=r"\w+|\W", workers=1,
                           show_progress=False)
     with pytest.raises(ConfigError, match="custom one"):
-        export_gguf(model_for(tok, True), tok, tmp_path / "x.gguf")
+        export_gguf(random_model(tok.vocab_size, True), tok, tmp_path / "x.gguf")

@@ -15,20 +15,9 @@ from lmforge.inference import (
     prefill,
     sample,
 )
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 
-
-def tiny_model(n_heads: int = 4, n_kv_heads: int = 2, context: int = 64, seed: int = 0
-               ) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=n_heads,
-                         n_kv_heads=n_kv_heads, context=context)
-    model = Transformer(config).eval()
-    with torch.no_grad():  # larger weights than the 0.02 init, so logits are far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
+from .conftest import tiny_model
 
 
 def greedy_reference(model: Transformer, prompt: list[int], n: int) -> list[int]:

@@ -46,11 +46,13 @@ def test_no_verdict_before_enough_history():
 
 
 def test_state_round_trip():
-    d = detector()
+    d = detector(sustained=3)
     d.check(9.0, 1.0)
     e = SpikeDetector(d.config)
     e.load_state_dict(d.state_dict())
     assert e.state_dict() == d.state_dict()
+    # the restored window and outlier count decide as the original would
+    assert [e.check(9.0, 1.0) for _ in range(2)] == ["skip", "rollback"]
 
 
 @pytest.mark.parametrize(("kw", "message"), [({"window": 0}, "spike.window"),

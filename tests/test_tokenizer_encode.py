@@ -81,6 +81,10 @@ def test_encode_batch_equals_encode(tokenizer: Tokenizer, held_out: list[str]):
     assert tokenizer.encode_batch(held_out, workers=2) == [tokenizer.encode(t) for t in held_out]
     assert tokenizer.encode_batch(held_out, "all", workers=1) == \
         [tokenizer.encode(t, "all") for t in held_out]
+    # allowed specials travel to the pool's workers too
+    marked = [t + "<|endoftext|>" for t in held_out]
+    assert tokenizer.encode_batch(marked, "all", workers=2) == \
+        [tokenizer.encode(t, "all") for t in marked]
 
 
 def test_decode_rejects_unknown_ids(tokenizer: Tokenizer):

@@ -20,6 +20,7 @@ from lmforge.train.checkpoint import load_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainingError, train
 from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import lr_at
 
 from .conftest import prepare_tiny_data
 
@@ -115,7 +116,11 @@ def test_injected_spike_rolls_back_and_recovers(data_dir, tmp_path):
     assert sorted(losses) == list(range(30))  # every step trained once, after the rollback
     assert max(losses[s] for s in range(20, 30)) < 1.5 * losses[13]  # recovered
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
-    assert lrs[11] < config(data_dir, run).lr  # lowered after the rollback
+    scheduled = {s: lr_at(s, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+                 for s in (11, 20)}
+    # lowered by lr_factor (0.5) for cooldown_steps (5) after the rollback to step 10, then back
+    assert lrs[11] == pytest.approx(0.5 * scheduled[11])
+    assert lrs[20] == pytest.approx(scheduled[20])
 
 
 def test_spikes_that_keep_coming_give_up_clearly(data_dir, tmp_path):

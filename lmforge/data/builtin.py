@@ -110,7 +110,11 @@ def builtin_documents(name: str) -> Iterator[Document]:
     raise InputError(f"unknown built-in corpus 'builtin:{name}'; expected one of {known}")
 
 
+def hash_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by ``key`` alone (SHA-256), the same in every run and process."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def is_validation(name: str, fraction: float) -> bool:
     """Deterministic train/validation split: by the hash of the document's name."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return hash_fraction(name) < fraction

@@ -18,7 +18,7 @@ datatrove's and FineWeb's MinHash stage (word 5-grams, 14 bands × 8 rows):
    mod p, with p = 2^31 − 1 and a_i, b_i uniform in [1, p) and [0, p), derived from ``seed`` with
    SHAKE-256. Products stay below 2^62, so uint64 arithmetic is exact. The 61-bit alternative
    (p = 2^61 − 1, 32-bit shingles, split multiplications) gave the same recall in the benchmark
-   but took 1.8× as long per hash (16 numpy operations instead of 10, all on uint64), and 31-bit
+   but costs more per hash (16 numpy operations instead of 10, all on uint64), and 31-bit
    shingle hashes collide rarely enough (a 10^4-shingle document has one collision with
    probability 2%, which moves its Jaccard similarities by 10^-4). Signatures are uint32: half
    the memory and inter-process traffic.
@@ -275,7 +275,7 @@ def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """For each document, the index of its cluster representative (the lowest index in its
-    union-find component of documents that share at least one band bucket). Shape (n,), int64."""
+    connected component of documents that share at least one band bucket). Shape (n,), int64."""
     n = len(signatures)
     keys = _band_keys(np.asarray(signatures), bands, rows)
     label = np.arange(n, dtype=np.int64)

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lmforge.config import build, option
+from lmforge.config import build, check_at_least, option
 from lmforge.errors import ConfigError
 
 
@@ -70,12 +70,6 @@ def _check_fractions(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name}: must be a fraction in [0, 1], got {value}")
-
-
-def _check_nonnegative(config: Any, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {getattr(config, name)}")
 
 
 def _any_of(items: Iterable[str], template: str, flags: int = 0) -> re.Pattern[str] | None:
@@ -128,8 +122,8 @@ class GopherQualityConfig:
                                 "line prefixes that count as bullet points")
 
     def __post_init__(self) -> None:
-        _check_nonnegative(self, "min_words", "min_mean_word_length", "max_hash_ratio",
-                           "max_ellipsis_ratio", "min_stop_words")
+        check_at_least(self, 0, "min_words", "min_mean_word_length", "max_hash_ratio",
+                       "max_ellipsis_ratio", "min_stop_words")
         _check_fractions(self, "max_bullet_line_fraction", "max_ellipsis_line_fraction",
                          "min_alpha_word_fraction")
         if self.max_words < self.min_words:
@@ -339,7 +333,7 @@ class C4Config:
                                       "used the LDNOOBW list; empty: off)")
 
     def __post_init__(self) -> None:
-        _check_nonnegative(self, "min_words_per_line", "min_sentences")
+        check_at_least(self, 0, "min_words_per_line", "min_sentences")
         if not any(self.terminal_punctuation):
             raise ConfigError("terminal_punctuation: give at least one line-ending mark")
 
@@ -356,8 +350,8 @@ class C4Filter:
     def __init__(self, config: C4Config | None = None) -> None:
         self.config = config or C4Config()
         self._ends = tuple(filter(None, self.config.terminal_punctuation))
-        # Case-insensitive phrase tests as `in` on lower-cased text: ~11× faster than a re.I
-        # search over the page (measured on the data benchmark's corpus).
+        # Case-insensitive phrase tests as `in` on lower-cased text: several times faster than
+        # a re.I search over the page (5.7× on the builtin:python-docs docstrings).
         self._phrases = tuple(p.lower() for p in self.config.line_phrases if p)
         self._bad_word = _any_of(self.config.bad_words, r"\b(?:{})\b", re.I)
 
@@ -405,7 +399,7 @@ class FineWebConfig:
     def __post_init__(self) -> None:
         _check_fractions(self, "min_punct_line_fraction", "max_dup_line_char_fraction",
                          "max_short_line_fraction")
-        _check_nonnegative(self, "short_line_length", "max_newline_word_ratio")
+        check_at_least(self, 0, "short_line_length", "max_newline_word_ratio")
         if not any(self.terminal_punctuation):
             raise ConfigError("terminal_punctuation: give at least one line-ending mark")
 
@@ -450,7 +444,7 @@ class CodeConfig:
                                              "'a small percentage'; DeepSeek-Coder: 25%)")
 
     def __post_init__(self) -> None:
-        _check_nonnegative(self, "min_chars", "max_line_length", "max_mean_line_length")
+        check_at_least(self, 0, "min_chars", "max_line_length", "max_mean_line_length")
         _check_fractions(self, "min_alnum_fraction")
 
 

@@ -28,15 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lmforge.config import build, option, to_dict
-from lmforge.data.builtin import is_validation
+from lmforge.config import build, check_at_least, option, to_dict
+from lmforge.data.builtin import hash_fraction, is_validation
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
-from lmforge.data.filters import PRESETS, apply_filters, build_filters
+from lmforge.data.filters import apply_filters, build_filters
 from lmforge.data.manifest import load_manifest, totals, write_manifest
 from lmforge.data.shards import Shard, token_dtype, write_shard
 from lmforge.data.sources import ReadOptions, documents, parse_spec
-from lmforge.errors import ConfigError
-from lmforge.files import atomic_write_text
+from lmforge.errors import ConfigError, InputError
+from lmforge.files import atomic_path, atomic_write_text
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
@@ -79,19 +79,18 @@ class DataConfig:
             raise ConfigError("input: give at least one SPEC")
         if not self.tokenizer:
             raise ConfigError("tokenizer: give the tokenizer file to encode with")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected [0, 1), got {self.val_fraction}")
-        for name in ("shard_tokens", "chunk_documents", "world_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "shard_tokens", "chunk_documents", "world_size")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank: {self.rank} is outside world_size {self.world_size}")
-        if self.workers < 0:
-            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-        build_filters(self.preset, self.filters)  # rejects unknown filters / fields now
-        build(DedupConfig, ("dedup", self.dedup))
+        check_at_least(self, 0, "workers")
+        build_filters(self.preset, self.filters)  # rejects an unknown preset, filter or field now
+        _ = self.dedup_config  # rejects bad dedup settings now
+
+    @property
+    def dedup_config(self) -> DedupConfig:
+        return build(DedupConfig, ("dedup", self.dedup))
 
     @property
     def out_dir(self) -> Path:
@@ -110,7 +109,7 @@ _W: dict[str, Any] = {}  # per-worker state, set by _init_worker
 
 
 def _init_worker(config: DataConfig, tok: Tokenizer, work: Path) -> None:
-    dedup = build(DedupConfig, ("dedup", config.dedup))
+    dedup = config.dedup_config
     _W.update(filters=build_filters(config.preset, config.filters), dedup=dedup,
               hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT), work=work,
               rejects=config.rejects, quarantine=config.utf8_errors == "quarantine")
@@ -148,19 +147,15 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
         if tokens else np.zeros(0, np.uint32),
         "rejected": np.array(rejected, dtype=str),
     }
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **out)
     return out
 
 
 def _signatures(texts: list[str]) -> np.ndarray:
     """(len(texts), bands·rows) MinHash signatures; width 0 when near dedup is off."""
-    dedup: DedupConfig = _W["dedup"]
-    if not dedup.near:
+    if not _W["dedup"].near:
         return np.zeros((len(texts), 0), np.uint32)
-    if not texts:
-        return np.zeros((0, dedup.num_perm), np.uint32)
     return _W["hasher"].signatures(texts)
 
 
@@ -217,9 +212,7 @@ def _prepare_work_dir(out: Path, fingerprint: str) -> Path:
 def _repeats(name: str, weight: float) -> int:
     """How many copies of a training document a source weight asks for (fractions by hash)."""
     whole = int(weight)
-    frac = weight - whole
-    h = int.from_bytes(hashlib.sha256(b"weight:" + name.encode()).digest()[:8], "big") / 2**64
-    return whole + (1 if h < frac else 0)
+    return whole + (hash_fraction("weight:" + name) < weight - whole)
 
 
 def prepare(config: DataConfig) -> dict[str, Any]:
@@ -270,7 +263,7 @@ def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: 
                  for i, t in zip(rejected, texts, strict=True)]
         atomic_write_text(out / "rejects.jsonl", "".join(line + "\n" for line in lines))
 
-    dedup = build(DedupConfig, ("dedup", config.dedup))
+    dedup = config.dedup_config
     drop = np.zeros(len(kept), dtype=bool)
     exact = near = 0
     if dedup.exact and len(kept):
@@ -336,10 +329,8 @@ def _write_shards(out: Path, split: str, docs: list[np.ndarray], dtype: np.dtype
 
 def _intact(path: Path, n_tokens: int, n_docs: int) -> bool:
     """A shard from an earlier, interrupted run of the same config that needs no rewrite."""
-    if not path.exists():
-        return False
     try:
         shard = Shard(path)
-    except Exception:
+    except InputError:  # missing, truncated or foreign
         return False
     return shard.num_tokens == n_tokens and shard.num_documents == n_docs

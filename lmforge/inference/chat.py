@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from lmforge.config import option
+from lmforge.config import check_at_least, option
 from lmforge.errors import ConfigError
 from lmforge.inference.text import generate_text
 from lmforge.model import Transformer
@@ -43,10 +43,8 @@ class ChatConfig:
                                   "the compilation)")
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        check_at_least(self, 1, "max_new_tokens")
+        check_at_least(self, 0, "temperature")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k: must be >= 1 or none, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

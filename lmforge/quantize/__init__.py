@@ -24,7 +24,6 @@ from lmforge.quantize.awq import awq_scale_model
 from lmforge.quantize.gptq import gptq_quantize_model, gptq_quantize_weight
 from lmforge.quantize.io import (
     SizeReport,
-    file_size,
     load_quantized,
     open_quantized,
     quantization_of,
@@ -47,7 +46,7 @@ from lmforge.quantize.rtn import quantizable_linears, quantize_model
 from lmforge.quantize.stage import QuantizeConfig, quantize
 
 __all__ = ["MODES", "Int4Linear", "Int8Linear", "Mode", "QuantizeConfig", "SizeReport",
-           "awq_scale_model", "fake_quantize", "file_size", "gptq_quantize_model",
+           "awq_scale_model", "fake_quantize", "gptq_quantize_model",
            "gptq_quantize_weight", "load_quantized", "open_quantized", "pack_int4",
            "quantizable_linears", "quantization_of", "quantize", "quantize_int4", "quantize_int8",
            "quantize_model", "quantized_metadata", "save_quantized", "size_report",

@@ -25,7 +25,6 @@ from lmforge.quantize.rtn import (
     DEFAULT_SKIP,
     check_group_size_fits,
     quantizable_linears,
-    set_submodule,
 )
 
 
@@ -115,7 +114,7 @@ def gptq_quantize_model(model: Transformer, calibration: list[Tensor], group_siz
                 codes = gptq_quantize_weight(linear.weight.cpu(), hessians[n].H, group_size,
                                              damp)
                 q = Int4Linear.from_linear(linear, group_size, codes)
-                set_submodule(model, n, q.to(linear.weight.device))
+                model.set_submodule(n, q.to(linear.weight.device))
                 bar.update()
     model.train(was_training)
     return model

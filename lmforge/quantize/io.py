@@ -24,7 +24,6 @@ from lmforge.files import atomic_path
 from lmforge.hardware import DTYPES, DType
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize.layers import MODES, Int4Linear, Int8Linear
-from lmforge.quantize.rtn import set_submodule
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
@@ -130,7 +129,7 @@ def _load(path: str | Path, device: str | torch.device) -> tuple[Transformer, di
         except (AttributeError, ConfigError) as e:
             raise InputError(f"{path}: quantized layer {name!r} does not fit the model config "
                              f"({e})") from None
-        set_submodule(model, name, q)
+        model.set_submodule(name, q)
     try:
         load_model(model, str(path))
     except (RuntimeError, SafetensorError) as e:
@@ -206,8 +205,3 @@ def size_report(model: nn.Module) -> SizeReport:
         else:
             other += nbytes
     return SizeReport(quantized, fp32, other)
-
-
-def file_size(path: str | Path) -> int:
-    """Size of a saved model file in bytes."""
-    return Path(path).stat().st_size

@@ -32,11 +32,6 @@ def check_group_size_fits(linears: dict[str, nn.Linear], group_size: int) -> Non
         check_group_size(linear.in_features, group_size)
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: Mode, group_size: int = 128,
                    skip: tuple[str, ...] = DEFAULT_SKIP) -> nn.Module:
@@ -53,5 +48,5 @@ def quantize_model(model: nn.Module, mode: Mode, group_size: int = 128,
     for name, linear in linears.items():
         q = Int8Linear.from_linear(linear) if mode == "int8" else \
             Int4Linear.from_linear(linear, group_size)
-        set_submodule(model, name, q.to(linear.weight.device))
+        model.set_submodule(name, q.to(linear.weight.device))
     return model

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lmforge.config import option
+from lmforge.config import check_at_least, option
 from lmforge.errors import ConfigError, InputError
 from lmforge.hardware import DTYPES, resolve_dtype
 from lmforge.model import Transformer
@@ -28,7 +28,6 @@ from lmforge.quantize.awq import awq_scale_model
 from lmforge.quantize.calibration import calibration_batches
 from lmforge.quantize.gptq import gptq_quantize_model
 from lmforge.quantize.io import (
-    file_size,
     open_quantized,
     quantized_metadata,
     save_quantized,
@@ -86,12 +85,8 @@ class QuantizeConfig:
             raise ConfigError(f"method: {self.method} writes int4 codes; use --mode int4, or "
                               "--method rtn / awq for int8")
         check_group_size(self.group_size, self.group_size)  # validity; the model checks fit
-        for name in ("batch_size", "eval_batches", "calibration_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "calibration_seq_len"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, "batch_size", "eval_batches", "calibration_batches")
+        check_at_least(self, 0, "seq_len", "calibration_seq_len")
         if not self.damp > 0:
             raise ConfigError(f"damp: must be > 0, got {self.damp}")
         if self.dtype not in ("auto", *DTYPES):
@@ -173,6 +168,7 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
                          info={"method": config.method, "source": str(ckpt)})
     quantized, _ = open_quantized(out, device)  # measure what lmforge.load will give
     after = validator.run(quantized, no_autocast)
+    file_bytes = out.stat().st_size
 
     report = {
         "out": str(out), "checkpoint": str(ckpt), "mode": config.mode, "method": config.method,
@@ -183,9 +179,9 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
         "bpb_change_pct": round(100 * (after["val_bpb"] / before["val_bpb"] - 1), 3),
         "val_loss_before": round(before["val_loss"], 5),
         "val_loss_after": round(after["val_loss"], 5),
-        "file_bytes": file_size(out), "fp32_weights_bytes": fp32_bytes,
-        "checkpoint_file_bytes": file_size(ckpt),
-        "file_vs_fp32": round(file_size(out) / fp32_bytes, 4),
+        "file_bytes": file_bytes, "fp32_weights_bytes": fp32_bytes,
+        "checkpoint_file_bytes": ckpt.stat().st_size,
+        "file_vs_fp32": round(file_bytes / fp32_bytes, 4),
         "quantized_layers_bytes": sizes.quantized_bytes,
         "quantized_layers_fp32_bytes": sizes.quantized_fp32_bytes,
     }

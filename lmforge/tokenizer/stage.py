@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import option, to_dict
+from lmforge.config import check_at_least, option, to_dict
 from lmforge.data.sources import ReadOptions, texts
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
@@ -50,8 +50,7 @@ class TokenizerTrainConfig:
                               f"{minimum}")
         if self.vocab_size > 1 << 21:
             raise ConfigError(f"vocab_size: {self.vocab_size} exceeds the supported 2**21")
-        if self.workers < 0:
-            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        check_at_least(self, 0, "workers")
         if any(not s for s in self.special_tokens):
             raise ConfigError("special_tokens: an empty string cannot be a special token")
 

@@ -163,7 +163,7 @@ class Tokenizer:
                                         disallowed_special=())
         else:  # tiktoken's special-token scan costs as much as the BPE itself: skip it
             ids = self._tiktoken.encode_ordinary(text)
-        return ids if self._rank_to_id is None else self._from_ranks(ids)
+        return self._from_ranks(ids)
 
     def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = (),
                      workers: int | None = None) -> list[list[int]]:
@@ -173,12 +173,11 @@ class Tokenizer:
             return [self.encode(t, allowed_special) for t in texts]
         allowed = self._allowed(allowed_special)
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        # Few, large tasks: each costs a round trip, and ids travel back as compact arrays.
-        step = max(1, -(-len(texts) // (workers * 4)))
+        # Few, large tasks: each costs a round trip.
+        step = -(-len(texts) // (workers * 4))
         chunks = [(texts[i : i + step], allowed) for i in range(0, len(texts), step)]
         with mp.get_context(method).Pool(workers, _init_worker, (self,)) as pool:
-            return [ids.tolist() for chunk in pool.imap(_encode_in_worker, chunks)
-                    for ids in chunk]
+            return [ids for chunk in pool.imap(_encode_in_worker, chunks) for ids in chunk]
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """The same ids as :meth:`encode`, computed step by step in Python (slow, readable)."""
@@ -378,7 +377,7 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_in_worker(job: tuple[Sequence[str], set[str]]) -> list[np.ndarray]:
+def _encode_in_worker(job: tuple[Sequence[str], set[str]]) -> list[list[int]]:
     texts, allowed = job
     assert _WORKER_TOKENIZER is not None
-    return [np.asarray(_WORKER_TOKENIZER.encode(t, allowed), dtype=np.int64) for t in texts]
+    return [_WORKER_TOKENIZER.encode(t, allowed) for t in texts]

@@ -64,9 +64,9 @@ class Checkpoints:
         entries.append({"step": step, "path": path.name, "val_loss": val_loss, "clean": clean})
         entries.sort(key=lambda e: e["step"])
         keep = {e["path"] for e in entries[-self.keep_last:]}
-        scored = [e for e in entries if e["val_loss"] is not None]
-        if scored:
-            keep.add(min(scored, key=lambda e: e["val_loss"])["path"])
+        best = _best(entries)
+        if best is not None:
+            keep.add(best["path"])
         atomic_write_text(self.dir / INDEX, json.dumps(
             {"checkpoints": [e for e in entries if e["path"] in keep]}, indent=2))
         for e in entries:  # delete only after the index no longer lists them
@@ -79,8 +79,14 @@ class Checkpoints:
         return self.dir / entries[-1]["path"] if entries else None
 
     def best(self) -> Path | None:
-        scored = [e for e in self.entries() if e["val_loss"] is not None]
-        return self.dir / min(scored, key=lambda e: e["val_loss"])["path"] if scored else None
+        best = _best(self.entries())
+        return self.dir / best["path"] if best is not None else None
+
+
+def _best(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The entry with the lowest validation loss, if any has one."""
+    scored = [e for e in entries if e["val_loss"] is not None]
+    return min(scored, key=lambda e: e["val_loss"]) if scored else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

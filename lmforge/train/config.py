@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.config import option
+from lmforge.config import check_at_least, option
 from lmforge.errors import ConfigError
 from lmforge.model import PRESETS
 
@@ -63,13 +63,9 @@ class TrainConfig:
             raise ConfigError("data: give the prepared data directory")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
-                     "eval_batches", "save_every", "keep_last", "inject_spike_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
+                       "eval_batches", "save_every", "keep_last", "inject_spike_length")
+        check_at_least(self, 0, "seq_len", "warmup_steps", "sample_tokens")
         if not self.lr > 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -69,7 +69,7 @@ def parallelize(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
         strategy = "ddp" if env.world_size > 1 else "none"
     if strategy == "none":
         return model
-    if env.world_size == 1 and strategy != "none":
+    if env.world_size == 1:
         raise ConfigError(f"parallel: {strategy!r} needs several processes; launch with torchrun")
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -98,11 +98,8 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_state_dict(model, optimizer, options=_FULL)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    model_state: dict[str, Any], optim_state: dict[str, Any] | None) -> None:
-    if optimizer is None:
-        unwrap(model).load_state_dict(model_state)
-        return
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
     set_state_dict(model, optimizer, model_state_dict=model_state,
                    optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
 

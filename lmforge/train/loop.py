@@ -23,7 +23,7 @@ from lmforge.data.manifest import load_manifest
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_text
 from lmforge.generate import sample
-from lmforge.hardware import native_bf16
+from lmforge.hardware import resolve_dtype
 from lmforge.model import ModelConfig, Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
@@ -68,8 +68,7 @@ def _peak_flops(config: TrainConfig, env: DistEnv) -> float:
 
 
 def _autocast(config: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
-    bf16 = config.dtype == "bf16" or (config.dtype == "auto" and native_bf16(env.device))
-    if not bf16:
+    if resolve_dtype(config.dtype, env.device) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
 
@@ -232,7 +231,9 @@ def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
             break
 
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        # summed on the device in float64 (as exact as Python floats): one host sync per step,
+        # not one per micro-step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         for micro in range(config.grad_accum):
             x, y = run.loader.next_batch()
             data_step = run.loader.step - 1
@@ -246,8 +247,8 @@ def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
                 loss = run.compiled(x, y) / config.grad_accum
             with sync:
                 loss.backward()
-            loss_sum += loss.item()
-        loss_avg = all_reduce_mean(loss_sum, env)
+            loss_sum += loss.detach()
+        loss_avg = all_reduce_mean(loss_sum.item(), env)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             run.model.parameters(), config.grad_clip or float("inf")).item()
 

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.config import option
+from lmforge.config import check_at_least, option
 from lmforge.errors import ConfigError
 
 Verdict = Literal["ok", "skip", "rollback"]
@@ -46,9 +46,7 @@ class SpikeConfig:
     def __post_init__(self) -> None:
         if self.min_history < 3:
             raise ConfigError("spike.min_history: needs at least 3 values to estimate noise")
-        for name in ("window", "sustained"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"spike.{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "window", "sustained", prefix="spike.")
         if self.min_history > self.window:
             raise ConfigError("spike.min_history: cannot exceed spike.window")
         if not self.z_threshold > 0 or self.grad_z_threshold < 0 or not 0 < self.lr_factor <= 1:

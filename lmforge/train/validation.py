@@ -62,19 +62,20 @@ class Validator:
         return {"val_loss": nats / tokens, "val_bpb": bpb_nats / (math.log(2) * nbytes)}
 
 
-def _split_tokens(data_dir: Path, split: str) -> np.ndarray:
-    manifest = load_manifest(data_dir)
-    parts = [np.asarray(Shard(data_dir / s["path"]).tokens) for s in manifest["shards"]
-             if s["split"] == split]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+def _split_shards(data_dir: Path, split: str) -> list[Shard]:
+    return [Shard(data_dir / s["path"]) for s in load_manifest(data_dir)["shards"]
+            if s["split"] == split]
 
 
 def unigram_bpb(data_dir: str | Path, sizes: np.ndarray) -> float:
     """bpb of the validation split under the training split's token frequencies (add-one
     smoothed): what a model that ignores context achieves."""
     data_dir = Path(data_dir)
-    counts = np.bincount(_split_tokens(data_dir, "train"), minlength=len(sizes)) + 1.0
+    counts = np.ones(len(sizes))
+    for shard in _split_shards(data_dir, "train"):  # shard by shard: never the whole split at once
+        counts += np.bincount(shard.tokens, minlength=len(sizes))
     log2p = np.log2(counts / counts.sum())
-    val = _split_tokens(data_dir, "val")
+    parts = [np.asarray(shard.tokens) for shard in _split_shards(data_dir, "val")]
+    val = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     val = val[sizes[val] > 0]
     return float(-log2p[val].sum() / sizes[val].sum())
