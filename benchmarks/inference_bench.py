@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmforge.inference import generate
+from lmforge.inference import SamplingParams, generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize import quantize_model, size_report
 
@@ -49,7 +49,7 @@ def best_times(variants: dict[str, Variant], repeats: int) -> dict[str, tuple[fl
 
 
 def engine(model: Transformer, prompt: list[int], new: int, compile: bool = False) -> Variant:
-    return lambda: list(generate(model, prompt, new, compile=compile))
+    return lambda: list(generate(model, prompt, SamplingParams.greedy(new), compile=compile))
 
 
 def report(results: dict[str, tuple[float, list[int]]], new: int, baseline: str,

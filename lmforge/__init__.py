@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from lmforge.errors import ConfigError
-
 if TYPE_CHECKING:
-    from torch import nn
+    import torch
 
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.loading import Loaded
+
+try:
+    __version__ = version("lmforge")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
-def load(path: str, device: str = "cpu", dtype: str | None = None
-         ) -> tuple[nn.Module, Tokenizer]:
+def load(path: str, device: str | torch.device = "cpu", dtype: str | None = None) -> Loaded:
     """``model, tokenizer = lmforge.load(PATH)``: a run directory, a checkpoint file, a quantized
     model file (``lmforge quantize``) or a Hugging Face Llama directory.
 
     ``model(ids)`` maps int64 ids (batch, time) to logits (batch, time, vocab). ``dtype`` ("fp32"
     or "bf16") casts the model's floating-point weights; None keeps them as stored (checkpoints:
-    fp32; quantized files: the dtype they were evaluated in).
+    fp32; quantized files: the dtype they were evaluated in). The result also says what was
+    opened: ``.kind``, ``.source``, ``.dtype``, ``.quantization``, ``.run`` (see
+    :class:`lmforge.loading.Loaded`).
     """
-    from lmforge.hardware import DTYPES
-    from lmforge.train.checkpoint import load_model
+    from lmforge.loading import open_model
 
-    model, tokenizer = load_model(path, device)
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        model = model.to(DTYPES[dtype])
-    return model, tokenizer
+    return open_model(path, device, dtype)

@@ -1,12 +1,15 @@
 """``lmforge`` command line: a thin dispatcher, one function per subcommand.
 
 Each handler turns flags into a typed config or arguments, calls the stage's function and prints
-the result. Errors that lmforge raises on purpose are printed as one line (exit status 2).
+the result. Every failure a user can cause — a bad value, a missing or unreadable file, a full
+disk — is printed as one line ``lmforge: error: ...`` with exit status 2; ``--debug`` (or
+``LMFORGE_DEBUG=1``) shows the traceback instead, for bug reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -14,7 +17,24 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lmforge.config import add_arguments, from_args
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, TrainingInterrupted
+
+DESCRIPTION = """Build a language model from scratch, end to end, and own every stage.
+
+stages, in pipeline order:
+  tokenizer train → data prepare → train → generate / chat / quantize / export
+  quickstart runs the first three on the built-in offline corpus."""
+EPILOG = """Every stage takes --config FILE (YAML of its fields; flags override it).
+`lmforge STAGE --help` lists a stage's flags. Docs: docs/*.md in the source tree."""
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -56,14 +76,14 @@ def _tokenizer_decode(args: argparse.Namespace) -> None:
 def _tokenizer_export(args: argparse.Namespace) -> None:
     from lmforge.tokenizer.stage import export_tokenizer, load_any
 
-    for path in export_tokenizer(load_any(args.tokenizer), args.format, args.out):
+    for path in export_tokenizer(load_any(args.tokenizer), args.format, args.out, args.force):
         print(path)
 
 
 def _tokenizer_import(args: argparse.Namespace) -> None:
     from lmforge.tokenizer.stage import import_tokenizer
 
-    tok = import_tokenizer(args.source, args.out)
+    tok = import_tokenizer(args.source, args.out, args.force)
     print(f"{args.out}: {tok!r}")
 
 
@@ -90,7 +110,7 @@ def _data_merge(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from lmforge.train.config import TrainConfig
-    from lmforge.train.loop import train
+    from lmforge.train.pretrain import train
 
     summary = train(from_args(TrainConfig, args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
@@ -98,24 +118,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
+    from lmforge.inference.stage import GenerateConfig, generate_samples
 
-    from lmforge import load
-    from lmforge.inference import generate_text
-
-    model, tok = load(args.checkpoint, dtype=args.dtype)
-    g = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.num_samples):
-        sys.stdout.write(args.prompt)
-        for chunk in generate_text(model, tok, tok.encode(args.prompt), args.max_new_tokens,
-                                   stop=args.stop, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p,
-                                   repetition_penalty=args.repetition_penalty, generator=g,
-                                   compile=args.compile):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        print()
-        print("---")
+    generate_samples(from_args(GenerateConfig, args), _write, _note)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -123,30 +128,18 @@ def _chat(args: argparse.Namespace) -> None:
     from lmforge.inference.chat import ChatConfig, chat
 
     config = from_args(ChatConfig, args)
-    model, tok = load(args.checkpoint, dtype=config.dtype)
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    chat(model, tok, sys.stdin, write, config, prompt="> " if sys.stdin.isatty() else "")
+    model, tok = load(config.checkpoint, dtype=config.dtype)
+    chat(model, tok, sys.stdin, _write, config, prompt="> " if sys.stdin.isatty() else "")
 
 
-def _export_hf(args: argparse.Namespace) -> None:
-    from lmforge import load
-    from lmforge.export.hf import export_hf
+def _export(fmt: str) -> Callable[[argparse.Namespace], None]:
+    def handler(args: argparse.Namespace) -> None:
+        from lmforge.export.stage import ExportConfig, export_model
 
-    model, tok = load(args.checkpoint)
-    for path in export_hf(model, tok, args.out):
-        print(path)
+        for path in export_model(from_args(ExportConfig, args), fmt, _note):
+            print(path)
 
-
-def _export_gguf(args: argparse.Namespace) -> None:
-    from lmforge import load
-    from lmforge.export.gguf import export_gguf
-
-    model, tok = load(args.checkpoint)
-    print(export_gguf(model, tok, args.out))
+    return handler
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -162,15 +155,23 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import lmforge
     from lmforge.data.pipeline import DataConfig
+    from lmforge.export.stage import ExportConfig
     from lmforge.inference.chat import ChatConfig
+    from lmforge.inference.stage import GenerateConfig
     from lmforge.quantize.stage import QuantizeConfig
     from lmforge.quickstart import QuickstartConfig
     from lmforge.tokenizer.stage import TokenizerTrainConfig
     from lmforge.train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lmforge {lmforge.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: LMFORGE_DEBUG=1)")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     def command(sub: argparse._SubParsersAction, name: str, handler: Callable, help: str,
@@ -201,10 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="lmforge tokenizer file")
     p.add_argument("--format", required=True, choices=["hf", "tiktoken"])
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p = command(tsub, "import", _tokenizer_import,
                 "convert a Hugging Face byte-level BPE (tokenizer.json or vocab.json+merges.txt)")
     p.add_argument("--source", required=True, help="tokenizer.json, vocab.json or a directory")
     p.add_argument("--out", required=True, help="lmforge tokenizer file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
 
     data = stages.add_parser("data", help="prepare token shards from raw text")
     dsub = data.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,36 +220,15 @@ def _parser() -> argparse.ArgumentParser:
 
     command(stages, "train", _train, "pretrain a model on prepared data (also under torchrun)",
             TrainConfig)
-    p = command(stages, "generate", _generate, "sample text from a trained model")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the most likely tokens summing to this probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample where this text appears (not printed); repeatable")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                   help="cast the weights (default: as stored); bf16 pays off on large models")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (compiling takes ~20 s on 2 CPU cores)")
-    p = command(stages, "chat", _chat,
-                "talk to a model in the chat format (standard input; /reset, /exit)", ChatConfig)
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, checkpoint file or Hugging Face directory")
+    command(stages, "generate", _generate, "sample text from a model, streamed", GenerateConfig)
+    command(stages, "chat", _chat,
+            "talk to a model in the chat format (standard input; /reset, /exit)", ChatConfig)
 
-    export = stages.add_parser("export", help="write a trained model in other formats")
+    export = stages.add_parser("export", help="write a model in other formats")
     esub = export.add_subparsers(dest="command", required=True, metavar="FORMAT")
-    p = command(esub, "hf", _export_hf, "Hugging Face Llama directory (transformers loads it)")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
-    p.add_argument("--out", required=True, help="output directory")
-    p = command(esub, "gguf", _export_gguf, "one GGUF file for llama.cpp")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
-    p.add_argument("--out", required=True, help="output .gguf file")
+    command(esub, "hf", _export("hf"), "Hugging Face Llama directory (transformers loads it)",
+            ExportConfig)
+    command(esub, "gguf", _export("gguf"), "one GGUF file for llama.cpp", ExportConfig)
 
     command(stages, "quantize", _quantize,
             "int8/int4 weight-only quantization (rtn, gptq, awq) with bpb before and after",
@@ -256,14 +238,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    """``PATH: what happened; what to do`` for an error of the operating system."""
+    path = e.filename or ""
+    hints = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions",
+             errno.EPERM: "check its permissions", errno.EROFS: "write somewhere writable",
+             errno.ENOSPC: "free some space or write elsewhere",
+             errno.EISDIR: "give a file, not a directory",
+             errno.ENOTDIR: "a part of the path is a file, not a directory",
+             errno.EEXIST: "choose another path"}
+    what = e.strerror or type(e).__name__
+    hint = hints.get(e.errno or 0)
+    return f"{path}: {what.lower()}" + (f"; {hint}" if hint else "") if path else what
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.debug or os.environ.get("LMFORGE_DEBUG"):
+        args.handler(args)
+        return 0
     try:
         args.handler(args)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
+        return 130 if isinstance(e, TrainingInterrupted) else 2
+    except OSError as e:
+        print(f"lmforge: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

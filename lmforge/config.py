@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from lmforge.errors import ConfigError
 
 C = TypeVar("C")
+FLAGS = "command line"  # the source name of values given as flags
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -94,6 +96,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
         if hint is int and isinstance(value, float) and out != value:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if hint is float and not math.isfinite(out):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return out
     if hint is str:
         if not isinstance(value, str | int | float | Path):
@@ -123,8 +127,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config takes a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        reason = " ".join(str(e).split())  # PyYAML's message spans lines
+        raise ConfigError(f"{path}: not valid YAML ({reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -149,13 +160,26 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a config field: ``utf8_errors`` → ``--utf8-errors``."""
+    return "--" + field.replace("_", "-")
+
+
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """Defaults < ``--config FILE`` (YAML) < flags."""
+    """Defaults < ``--config FILE`` (YAML) < flags. An error about a value given as a flag
+    names the flag as it was typed (``--lr: must be > 0``)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     flags = {k: v for k, v in vars(args).items() if k in names}
     yaml_path = getattr(args, "config", None)
     sources = [(str(yaml_path), load_yaml(yaml_path))] if yaml_path else []
-    return build(cls, *sources, ("command line", flags))
+    try:
+        return build(cls, *sources, (FLAGS, flags))
+    except ConfigError as e:
+        message = str(e).removeprefix(f"{FLAGS}: ")
+        field = message.split(":", 1)[0]
+        if field in flags:
+            raise ConfigError(flag(field) + message[len(field):]) from None
+        raise
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -19,3 +19,7 @@ class InputError(LmforgeError, ValueError):
 
 class TokenizerFileError(LmforgeError, ValueError):
     """A tokenizer file is missing, corrupt, of an unknown version, or of a foreign format."""
+
+
+class TrainingInterrupted(LmforgeError):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint at the current step."""

@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from lmforge.errors import ConfigError
+
 DType = Literal["fp32", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -22,3 +24,25 @@ def resolve_dtype(dtype: DType | Literal["auto"], device: torch.device) -> DType
     if dtype != "auto":
         return dtype
     return "bf16" if native_bf16(device) else "fp32"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where available, else the CPU. A device this machine lacks is refused
+    with a message, not at the first tensor moved there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+                          ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name} asked for, but this machine has no usable CUDA "
+                              f"device (torch {torch.__version__}); use --device cpu or auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name} asked for, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device: {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device

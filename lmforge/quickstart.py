@@ -22,7 +22,7 @@ from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.sources import documents
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_write_text
-from lmforge.inference import generate
+from lmforge.inference import SamplingParams, generate
 from lmforge.tokenizer import ENDOFTEXT
 from lmforge.tokenizer.stage import (
     TokenizerTrainConfig,
@@ -31,7 +31,7 @@ from lmforge.tokenizer.stage import (
     train_tokenizer,
 )
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import train
+from lmforge.train.pretrain import train
 
 
 @dataclass
@@ -78,12 +78,13 @@ def quickstart(config: QuickstartConfig) -> dict:
     print(f"[2/4] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
     tok_config = TokenizerTrainConfig(input=config.corpus, vocab_size=config.vocab_size,
                                       out=str(out / "tokenizer.lmforge.json"),
-                                      progress=config.progress)
+                                      progress=config.progress, force=True)
     tok, summary = train_tokenizer(tok_config, corpus=train_docs)
     lossless = all(tok.decode(tok.encode(t)) == t for t in val_docs)
     stats = describe(tok, val_docs)
-    exported = export_tokenizer(tok, "hf", out / "hf") + export_tokenizer(tok, "tiktoken",
-                                                                          out / "tiktoken")
+    # a rerun writes the same files again: the quickstart owns its out_dir
+    exported = (export_tokenizer(tok, "hf", out / "hf", force=True)
+                + export_tokenizer(tok, "tiktoken", out / "tiktoken", force=True))
     report = {"tokenizer": summary["tokenizer"], "train_seconds": summary["train_seconds"],
               "train_mb": round(mb, 2), "validation_lossless": lossless, **stats,
               "exported": [str(p) for p in exported]}
@@ -115,8 +116,12 @@ def quickstart(config: QuickstartConfig) -> dict:
           f"documents; val: {splits.get('val', {}).get('tokens', 0):,} tokens "
           f"({len(manifest['shards'])} shards, {manifest['dtype']})")
 
+    resume = (out / "train" / "checkpoints").exists()
     print(f"[4/4] pretraining {config.model} for {config.steps} steps "
           f"(time budget {config.time_budget_minutes:g} min)")
+    if resume:
+        print(f"      {out}/train holds an earlier run: continuing it from its latest "
+              f"checkpoint (delete {out}/train, or pass another --out-dir, to start afresh)")
     result = train(TrainConfig(data=str(out / "data"), out=str(out / "train"),
                                preset=config.model,
                                batch_size=config.batch_size, seq_len=config.seq_len,
@@ -124,16 +129,16 @@ def quickstart(config: QuickstartConfig) -> dict:
                                eval_every=max(1, config.steps // 4), eval_batches=20,
                                save_every=max(1, config.steps // 4),
                                time_budget_minutes=config.time_budget_minutes,
-                               progress=config.progress, resume=(out / "train" / "checkpoints"
-                                                                 ).exists()))
+                               progress=config.progress, resume=resume))
     report["train"] = result
     atomic_write_text(out / "quickstart.json", json.dumps(report, indent=2, ensure_ascii=False))
     model, tok = load(str(out / "train"))
     g = torch.Generator().manual_seed(0)
     print("      samples:")
     for prompt in ("def ", "The "):
-        new = list(generate(model, tok.encode(prompt), 60, temperature=0.8, top_k=50,
-                            generator=g, stop_ids=(tok.token_id(ENDOFTEXT),)))
+        new = list(generate(model, tok.encode(prompt), SamplingParams(max_new_tokens=60),
+                            generator=g, stop_ids=(tok.token_id(ENDOFTEXT),),
+                            vocab_size=tok.vocab_size))
         print("      | " + (prompt + tok.decode(new)).replace("\n", "\n      | "))
     print(f"done: {out}/ (tokenizer, data/, train/ with checkpoints, metrics.jsonl, loss.png)")
     print(f"trained {result['step']} steps ({result['params'] / 1e6:.1f}M parameters)"

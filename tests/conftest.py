@@ -50,6 +50,24 @@ def prepare_tiny_data(root: Path, n_docs: int, seed: int, val_fraction: float) -
     return root / "data"
 
 
+TINY_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 32}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run directory: a tiny model (:data:`TINY_MODEL`) trained for 30 steps on a tiny
+    prepared data directory (``RUN/../data``)."""
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.pretrain import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    prepare_tiny_data(root, 300, seed=7, val_fraction=0.3)
+    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), model=TINY_MODEL,
+                      batch_size=4, max_steps=30, warmup_steps=3, eval_every=30, eval_batches=2,
+                      save_every=30, sample_tokens=0, progress=False))
+    return root / "run"
+
+
 def random_model(vocab_size: int, tie: bool) -> Transformer:
     """A seeded random Llama-shaped model for the export tests: a non-default RoPE base and norm
     gains away from 1, so a mis-mapped config field or norm weight shows."""

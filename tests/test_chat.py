@@ -32,7 +32,7 @@ def run(model: Transformer, tok: Tokenizer, lines: list[str], config: ChatConfig
 def reply_to(model: Transformer, tok: Tokenizer, messages: list[Message]) -> str:
     """The greedy reply that the chat loop should give after ``messages``."""
     stops = [tok.token_id(s) for s in (*CHAT_TOKENS, ENDOFTEXT)]
-    return "".join(generate_text(model, tok, render_chat(tok, messages), GREEDY.max_new_tokens,
+    return "".join(generate_text(model, tok, render_chat(tok, messages), GREEDY,
                                  stop_ids=stops))
 
 
@@ -45,7 +45,7 @@ def test_each_reply_continues_the_rendered_history(tokenizer):
     assert history[2].content == reply_to(model, tokenizer, history[:2])
     assert history[4].content == reply_to(model, tokenizer, history[:4])
     assert history[2].content != history[4].content
-    assert out == f"{history[2].content}\n{history[4].content}\n"
+    assert out == f"{history[2].content}\n\n{history[4].content}\n\n"  # piped: blank lines
     assert notes == []
 
 
@@ -99,6 +99,32 @@ def test_cli_chat_reads_standard_input(tokenizer, tmp_path, monkeypatch, capsys)
                  "--max-new-tokens", "8", "--temperature", "0", "--top-k", "none"]) == 0
     out = capsys.readouterr().out
     assert out == reply_to(model, tokenizer, [Message("system", "Be brief."),
-                                              Message("user", "hello there")]) + "\n"
+                                              Message("user", "hello there")]) + "\n\n"
     assert main(["chat", "--checkpoint", str(tmp_path), "--top-p", "2"]) == 2
-    assert "top_p: must be in (0, 1] or none, got 2.0" in capsys.readouterr().err
+    assert "--top-p: must be in (0, 1] or none, got 2.0" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_reply_not_the_conversation(tokenizer, monkeypatch):
+    import lmforge.inference.chat as chat_module
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=256)
+    real = chat_module.generate_text
+    calls = {"n": 0}
+
+    def interrupted_first_time(*args, **kwargs):
+        calls["n"] += 1
+        stream = real(*args, **kwargs)
+        if calls["n"] > 1:
+            return stream
+
+        def cut():
+            yield next(stream)
+            raise KeyboardInterrupt
+
+        return cut()
+
+    monkeypatch.setattr(chat_module, "generate_text", interrupted_first_time)
+    history, _, notes = run(model, tokenizer, ["hello\n", "again\n"])
+    assert [m.role for m in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert history[2].content and any("reply stopped" in n for n in notes)
+    assert history[4].content == reply_to(model, tokenizer, history[:4])

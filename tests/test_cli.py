@@ -49,7 +49,7 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert not (tmp_path / "t.json").exists()
 
     assert main(["tokenizer", "train", "--input", "builtin:python-docs", "--vocab-size", "10"]) == 2
-    assert "vocab_size: 10 is too small" in capsys.readouterr().err
+    assert "--vocab-size: 10 is too small" in capsys.readouterr().err
 
     (tmp_path / "junk.json").write_text("{}")
     assert main(["tokenizer", "info", "--tokenizer", str(tmp_path / "junk.json")]) == 2

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
 from collections import Counter
 
 import pytest
 
+from lmforge.cli import main
 from lmforge.data import pipeline
 from lmforge.data.manifest import load_manifest, merge_manifests
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.shards import Shard
 from lmforge.data.sources import ReadOptions
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
 from .conftest import synthetic_documents
@@ -122,7 +125,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, corpus, tok_path, 
     assert cached  # finished chunks were kept for the rerun
     assert not list(out.glob("*.bin")) and not list(out.rglob("*.tmp*"))
     monkeypatch.setattr(pipeline, "documents", real_documents)
+    with pytest.raises(InputError, match=r"holds what another prepare wrote \(\.work/\)"):
+        prepare(config(tmp_path, corpus_path, tok_path, val_fraction=0.5))  # not this run's
     resumed = prepare(cfg)
+    assert not (out / ".work").exists()
     for key in ("shards", "num_tokens", "stats"):
         assert resumed[key] == clean[key] or (key == "stats" and
             {k: resumed[key][k] for k in ("filters", "dedup")} ==
@@ -180,4 +186,107 @@ def test_bad_pipeline_configs(tmp_path, tok_path):
         DataConfig(input=["x"])
     with pytest.raises(ConfigError, match="rank: 3 is outside world_size 2"):
         DataConfig(input=["x"], tokenizer="t", rank=3, world_size=2)
+    with pytest.raises(ConfigError, match="separator: must not be empty"):
+        DataConfig(input=["x"], tokenizer="t", separator="")
+
+
+def files(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_existing_output_is_refused_and_force_leaves_no_stale_shard(tmp_path, corpus, tok_path):
+    corpus_path, _ = corpus
+    big = prepare(config(tmp_path, corpus_path, tok_path, shard_tokens=500, rejects=True,
+                         workers=1))
+    out = tmp_path / "out"
+    before = files(out)
+    small_path = tmp_path / "small.jsonl"
+    small_path.write_text("".join(corpus_path.read_text().splitlines(keepends=True)[:10]))
+    small = config(tmp_path, small_path, tok_path, shard_tokens=500, workers=1)
+    with pytest.raises(InputError, match=r"^.*out: holds what another prepare wrote "
+                       r"\(manifest\.json, rejects\.jsonl, train_00000\.bin and \d+ more\); "
+                       "choose another --out, or pass --force"):
+        prepare(small)
+    assert files(out) == before and not (out / ".work").exists()
+
+    replaced = prepare(dataclasses.replace(small, force=True))
+    shards = sorted(p.name for p in out.glob("*.bin"))
+    assert sorted(s["path"] for s in replaced["shards"]) == shards
+    assert len(shards) < len(big["shards"])
+    assert sorted(files(out)) == sorted(["manifest.json", *shards])  # rejects.jsonl went too
+    assert not (out / ".work").exists()
+    assert replaced["stats"]["input"]["documents"] == 10
+
+
+def test_failed_forced_run_keeps_the_earlier_output_and_resumes(tmp_path, corpus, tok_path,
+                                                                 monkeypatch):
+    corpus_path, _ = corpus
+    first = prepare(config(tmp_path, corpus_path, tok_path, workers=1))
+    out = tmp_path / "out"
+    before = files(out)
+
+    def full_disk(*_args):
+        raise OSError(28, "No space left on device")
+
+    forced = config(tmp_path, corpus_path, tok_path, workers=1, val_fraction=0.3, force=True)
+    with monkeypatch.context() as m:  # every new shard is written; moving them in fails
+        m.setattr(pipeline, "publish", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            prepare(forced)
+    assert files(out) == before and load_manifest(out) == first
+    assert list((out / ".work").glob("chunk_*.npz"))  # kept: the rerun resumes from it
+    resumed = prepare(dataclasses.replace(forced, force=False))  # resuming needs no --force
+    assert resumed["splits"]["val"]["documents"] > first["splits"]["val"]["documents"]
+    assert sorted(s["path"] for s in resumed["shards"]) == sorted(p.name for p in
+                                                                   out.glob("*.bin"))
+    assert not (out / ".work").exists()
+
+
+def test_failed_run_without_finished_work_leaves_nothing_behind(tmp_path, tok_path):
+    path = tmp_path / "body.jsonl"
+    path.write_text('{"body": "the text is here"}\n')
+    with pytest.raises(InputError, match=r"body\.jsonl: no record has a string field 'text'"):
+        prepare(config(tmp_path, path, tok_path, workers=1))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_corrupt_or_unwritable_output_is_named(tmp_path, corpus, tok_path):
+    corpus_path, _ = corpus
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"holds what another prepare wrote \(manifest\.json\)"):
+        prepare(config(tmp_path, corpus_path, tok_path, workers=1))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match=r"file: cannot write here \(File exists\)"):
+        prepare(config(tmp_path, corpus_path, tok_path, out=str(tmp_path / "file")))
+
+
+def test_missing_validation_split_is_warned(tmp_path, corpus, tok_path, caplog, monkeypatch):
+    corpus_path, _ = corpus
+    # The split hashes document names, which hold the (random) tmp path: make 1% select none.
+    monkeypatch.setattr(pipeline, "is_validation", lambda name, fraction: False)
+    with caplog.at_level(logging.WARNING, logger="lmforge.data.pipeline"):
+        manifest = prepare(config(tmp_path, corpus_path, tok_path, val_fraction=0.01,
+                                  workers=1))
+    assert "val" not in manifest["splits"]
+    assert [r.getMessage() for r in caplog.records if r.name == "lmforge.data.pipeline"] == [
+        "no validation split: none of the 40 documents fell in --val-fraction 0.01; raise "
+        "--val-fraction to get one"]
+
+
+def test_cli_data_errors_are_one_line_with_status_2(tmp_path, corpus, tok_path, capsys):
+    corpus_path, _ = corpus
+    args = ["data", "prepare", "--input", str(corpus_path), "--tokenizer", str(tok_path),
+            "--out", str(tmp_path / "out"), "--preset", "prose", "--workers", "1",
+            "--no-progress"]
+    assert main([*args, "--field", "body"]) == 2
+    assert main([*args, "--separator", ""]) == 2
+    assert main(args) == 0
+    assert main([*args, "--val-fraction", "0.5"]) == 2
+    assert main([*args, "--val-fraction", "0.5", "--force"]) == 0
+    errors = capsys.readouterr().err.splitlines()
+    assert [e.split(": ")[:2] for e in errors] == [
+        ["lmforge", "error"], ["lmforge", "error"], ["lmforge", "error"]]
+    assert "field 'body'" in errors[0] and "--separator: must not be empty" in errors[1]
+    assert "pass --force" in errors[2]
 

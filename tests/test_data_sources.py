@@ -4,28 +4,81 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import re
 
 import pytest
 
 from lmforge.data import sources
 from lmforge.data.sources import ReadOptions, documents, parse_spec
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 
 
-def test_jsonl_field_and_bad_lines_are_skipped_and_counted(tmp_path, caplog):
+def write_records(path, rows):
+    """``rows`` (dicts) as JSONL, gzipped JSONL or Parquet, by the suffix of ``path``."""
+    if path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(lines) if path.suffix == ".gz" else lines)
+
+
+FORMATS = ["d.jsonl", "d.jsonl.gz", "d.parquet"]
+
+
+def test_jsonl_field_and_bad_lines_are_skipped_counted_and_reported_once(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "one"}\nnot json\n{"body": "x"}\n\n{"text": 5}\n{"text": "two"}\n')
+    path.write_text('{"text": "one"}\nnot json\n{"body": "x"}\n\n{"text": 5}\n{"text": "two"}\n'
+                    '{"text": "three"}\n{"body": "y"}\n')
     opts = ReadOptions()
-    assert [d.text for d in documents(str(path), opts)] == ["one", "two"]
-    assert opts.issues == {"bad_json": 1, "missing_field": 2}
-    assert "d.jsonl:2: not JSON" in caplog.text and "d.jsonl:3: has no field 'text'" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert [d.text for d in documents(str(path), opts)] == ["one", "two", "three"]
+    assert opts.issues == {"bad_json": 1, "missing_field": 3}
+    (record,) = caplog.records  # one line for the file, not one per record
+    assert record.getMessage() == (
+        f"{path}: skipped 4 of 7 records: 1 not JSON, first at line 2 (Expecting value); "
+        "2 without field 'text', first at line 3; 1 with a non-string 'text', first at line 5 "
+        "(int)")
 
 
 def test_jsonl_strict_stops_with_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "one"}\n{broken\n')
-    with pytest.raises(InputError, match=r"d\.jsonl:2: not JSON"):
+    with pytest.raises(InputError, match=r"d\.jsonl: line 2: not JSON"):
         list(documents(str(path), ReadOptions(strict=True)))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_source_without_the_field_is_one_error_listing_the_fields(tmp_path, caplog, name):
+    path = tmp_path / name
+    write_records(path, [{"body": f"doc {i}", "id": i} for i in range(50)])
+    with caplog.at_level(logging.WARNING), pytest.raises(InputError) as e:
+        list(documents(str(path), ReadOptions(field="id")))  # a column, but not text
+    assert str(e.value).startswith(f"{path}: no record has a string field 'id' (50 with a "
+                                   "non-string 'id', first at ")
+    assert "fields found: body, id); pass --field NAME" in str(e.value)
+    assert not caplog.records
+    if not name.endswith(".parquet"):  # Parquet names a missing column before reading
+        with pytest.raises(InputError, match=r"no record has a string field 'text' \(50 "
+                                             r"without field 'text'.*fields found: body, id"):
+            list(documents(str(path)))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_partial_misses_are_one_warning_per_file(tmp_path, caplog, name):
+    (tmp_path / "in").mkdir()
+    rows = [{"text": "kept"}, {"text": None}, {"text": "also kept"}, {"text": None}]
+    for stem in ("a", "b"):
+        write_records(tmp_path / "in" / f"{stem}{name.removeprefix('d')}", rows)
+    opts = ReadOptions()
+    with caplog.at_level(logging.WARNING):
+        assert len(list(documents(str(tmp_path / "in"), opts))) == 4
+    assert opts.issues == {"missing_field": 4}
+    assert [r.getMessage().split(": skipped ")[1][:13] for r in caplog.records] == [
+        "2 of 4 record"] * 2
 
 
 def test_jsonl_gz_and_custom_field(tmp_path):
@@ -33,6 +86,52 @@ def test_jsonl_gz_and_custom_field(tmp_path):
     with gzip.open(path, "wt") as f:
         f.write(json.dumps({"content": "zipped"}) + "\n")
     assert [d.text for d in documents(str(path), ReadOptions(field="content"))] == ["zipped"]
+
+
+def test_gzipped_text_file_is_read_decompressed(tmp_path):
+    path = tmp_path / "notes.txt.gz"
+    path.write_bytes(gzip.compress("plain café".encode()))
+    assert [d.text for d in documents(str(path))] == ["plain café"]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.txt.gz"])
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_broken_gzip_is_one_error_naming_the_file(tmp_path, name, damage):
+    data = gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(2000)))
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain bytes\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: truncated or not gzip data"):
+        list(documents(str(path)))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.txt"])
+def test_unreadable_input_is_named(tmp_path, monkeypatch, name):
+    path = tmp_path / name
+    path.write_text("x")
+
+    def denied(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(sources, "_open", denied)  # chmod does not stop root, who runs CI
+    with pytest.raises(InputError) as e:
+        list(documents(str(path)))
+    assert str(e.value) == f"{path}: cannot read (Permission denied)"
+
+
+def test_spec_that_yields_nothing_is_an_error(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(InputError, match=r"blank\.jsonl: yields no document"):
+        list(documents(str(path)))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"separator": ""}, "separator: must not be empty"),
+    ({"field": ""}, "field: must name the JSONL field"),
+])
+def test_empty_separator_or_field_is_rejected(values, message):
+    with pytest.raises(ConfigError, match=message):
+        ReadOptions(**values)
 
 
 def test_parquet_column(tmp_path):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.inference import (
     KVCache,
+    SamplingParams,
     decode_one_token,
     generate,
     generate_batch,
@@ -26,6 +27,14 @@ def greedy_reference(model: Transformer, prompt: list[int], n: int) -> list[int]
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def greedy(n: int, **kwargs: object) -> SamplingParams:
+    return SamplingParams.greedy(n, **kwargs)
+
+
+def sampled(temperature: float = 1.0, **kwargs: object) -> SamplingParams:
+    return SamplingParams(temperature=temperature, **{"top_k": None, **kwargs})
 
 
 # -------------------------------------------------------------------------------- KV-cache parity
@@ -72,21 +81,21 @@ def test_cache_overflow_is_an_input_error() -> None:
 
 def test_greedy_is_argmax() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+    assert torch.equal(sample(logits, greedy(1)), logits.argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    draws = [sample(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    draws = [sample(logits, sampled(), torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
     state = torch.get_rng_state()
-    sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    sample(logits, sampled(), torch.Generator().manual_seed(7))
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
 
 
 def drawn_tokens(logits: torch.Tensor, n: int = 400, **kwargs: object) -> set[int]:
     g = torch.Generator().manual_seed(0)
-    return set(sample(logits.expand(n, -1), 1.0, generator=g, **kwargs).tolist())
+    return set(sample(logits.expand(n, -1), sampled(**kwargs), g).tolist())
 
 
 def test_top_k_keeps_exactly_k_largest_even_with_ties() -> None:
@@ -108,19 +117,20 @@ def test_top_p_keeps_smallest_set_reaching_p() -> None:
 def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
     logits = torch.tensor([[2.0, -1.0, 1.9, -0.5]])
     # token 0 seen: 2.0 / 2 = 1.0 < 1.9, so greedy moves to token 2
-    assert sample(logits, 0, repetition_penalty=2.0, previous_tokens=torch.tensor([[0]])) == 2
+    assert sample(logits, greedy(1, repetition_penalty=2.0),
+                  previous_tokens=torch.tensor([[0]])) == 2
     # token 3 seen (twice: counted once): -0.5 · 2 = -1.0 < -0.6, so greedy moves to token 1
-    out = sample(torch.tensor([[-1.0, -0.6, -5.0, -0.5]]), 0, repetition_penalty=2.0,
+    out = sample(torch.tensor([[-1.0, -0.6, -5.0, -0.5]]), greedy(1, repetition_penalty=2.0),
                  previous_tokens=torch.tensor([[3, 3]]))
     assert out.item() == 1
 
 
-def test_sample_rejects_bad_arguments() -> None:
-    logits = torch.zeros(1, 4)
+def test_sampling_params_reject_bad_arguments() -> None:
     for kwargs in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
-                   dict(repetition_penalty=0.0)):
-        with pytest.raises(InputError):
-            sample(logits, **kwargs)
+                   dict(repetition_penalty=0.0), dict(max_new_tokens=-1),
+                   dict(temperature=float("inf")), dict(stop=["ok", ""]), dict(stop="x")):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            SamplingParams(**kwargs)
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -130,16 +140,16 @@ def test_sample_rejects_bad_arguments() -> None:
 def test_greedy_generate_equals_full_recompute_argmax(n_kv_heads: int) -> None:
     model = tiny_model(n_kv_heads=n_kv_heads)
     prompt = [3, 14, 15, 92, 65]
-    assert list(generate(model, prompt, 30)) == greedy_reference(model, prompt, 30)
+    assert list(generate(model, prompt, greedy(30))) == greedy_reference(model, prompt, 30)
 
 
 def test_generate_streams_ids_and_seeded_sampling_repeats() -> None:
     model = tiny_model()
-    stream = generate(model, [1, 2, 3], 5, temperature=1.0, top_k=10)
+    stream = generate(model, [1, 2, 3], sampled(max_new_tokens=5, top_k=10))
     assert isinstance(next(iter(stream)), int)
-    runs = [list(generate(model, [1, 2, 3], 20, temperature=0.9, top_k=20, top_p=0.9,
-                          repetition_penalty=1.3, generator=torch.Generator().manual_seed(3)))
-            for _ in range(2)]
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9,
+                            repetition_penalty=1.3, seed=3)
+    runs = [list(generate(model, [1, 2, 3], params)) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 20
 
 
@@ -148,32 +158,30 @@ def test_stop_id_ends_generation_and_is_not_yielded() -> None:
     reference = greedy_reference(model, [4, 5, 6], 12)
     stop = reference[5]
     first = reference.index(stop)
-    assert list(generate(model, [4, 5, 6], 12, stop_ids=(stop,))) == reference[:first]
+    assert list(generate(model, [4, 5, 6], greedy(12), stop_ids=(stop,))) == reference[:first]
 
 
 def test_max_new_tokens_clipped_to_context() -> None:
     model = tiny_model(context=16)
-    assert len(list(generate(model, list(range(10)), 100))) == 6
-    assert list(generate(model, list(range(16)), 5)) == []
+    assert len(list(generate(model, list(range(10)), greedy(100)))) == 6
+    assert list(generate(model, list(range(16)), greedy(5))) == []
 
 
 def test_bad_prompts_raise_input_error_at_call_time() -> None:
     model = tiny_model(context=16)
     with pytest.raises(InputError, match="more than the model's context of 16"):
-        generate(model, list(range(17)), 4)  # raised before iterating
+        generate(model, list(range(17)), greedy(4))  # raised before iterating
     with pytest.raises(InputError, match="empty"):
-        generate(model, [], 4)
+        generate(model, [], greedy(4))
     with pytest.raises(InputError, match="outside"):
-        generate(model, [1, 97], 4)
-    with pytest.raises(InputError, match="max_new_tokens"):
-        generate(model, [1], -1)
+        generate(model, [1, 97], greedy(4))
 
 
 def test_batched_greedy_equals_one_by_one() -> None:
     model = tiny_model()
     prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43]]
-    singles = [list(generate(model, p, 15)) for p in prompts]
-    assert generate_batch(model, prompts, 15) == singles
+    singles = [list(generate(model, p, greedy(15))) for p in prompts]
+    assert generate_batch(model, prompts, greedy(15)) == singles
     assert [greedy_reference(model, p, 15) for p in prompts] == singles
 
 
@@ -182,7 +190,7 @@ def test_batched_rows_stop_on_their_own() -> None:
     prompts = [[7, 8], [20, 21, 22, 23, 24]]
     full = [greedy_reference(model, p, 12) for p in prompts]
     stop = full[0][3]
-    out = generate_batch(model, prompts, 12, stop_ids=(stop,))
+    out = generate_batch(model, prompts, greedy(12), stop_ids=(stop,))
     for row, tokens in zip(out, full, strict=True):
         expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
         assert row == expected

@@ -15,9 +15,10 @@ import lmforge
 from lmforge.errors import InputError
 from lmforge.export.hf import export_hf
 from lmforge.model import ModelConfig, Transformer
+from lmforge.rundir import TOKENIZER_FILE, RunDir
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.hf import save_hf
-from lmforge.train.checkpoint import TOKENIZER_FILE, Checkpoints
+from lmforge.train.checkpoint import Checkpoints
 
 
 def small_model(vocab_size: int) -> Transformer:
@@ -31,7 +32,7 @@ def save_run(run: Path, model: Transformer, tok: Tokenizer) -> Path:
     tok.save(run / TOKENIZER_FILE)
     state = {"model": model.state_dict(), "config": {}, "model_config": asdict(model.config),
              "tokenizer_fingerprint": tok.fingerprint}
-    return Checkpoints(run).save(state, step=1, val_loss=None, clean=True)
+    return Checkpoints(RunDir(run)).save(state, step=1, val_loss=None, clean=True)
 
 
 def with_extra_special(tok: Tokenizer, extra_id: int) -> Tokenizer:
@@ -42,8 +43,9 @@ def with_extra_special(tok: Tokenizer, extra_id: int) -> Tokenizer:
 
 
 def test_missing_paths_and_foreign_directories(tmp_path):
-    with pytest.raises(InputError, match=r"nope: no such checkpoint file, run directory or "
-                                         r"Hugging Face model directory$"):
+    with pytest.raises(InputError, match=r"nope: no such checkpoint file, run directory, "
+                                         r"quantized model file or Hugging Face model "
+                                         r"directory$"):
         lmforge.load(str(tmp_path / "nope"))
     (tmp_path / "photos").mkdir()
     with pytest.raises(InputError, match=r"photos: neither a run directory \(no checkpoints/ or "

@@ -41,10 +41,8 @@ from lmforge.quantize import (
 from lmforge.quantize.awq import fold_scale, scale_groups
 from lmforge.quantize.calibration import calibration_batches
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.config import TrainConfig
-from lmforge.train.loop import train
 
-from .conftest import prepare_tiny_data, synthetic_documents
+from .conftest import TINY_MODEL, synthetic_documents
 
 CONFIG = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=32)
 
@@ -369,18 +367,9 @@ def test_bad_quantized_files_are_one_line_input_errors(trained: Transformer, tmp
 
 # -------------------------------------------------------------------------------------- stage
 
-TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 32}
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory: a tiny model trained for a few steps on a tiny prepared data dir."""
-    root = tmp_path_factory.mktemp("quantize_run")
-    prepare_tiny_data(root, 300, seed=7, val_fraction=0.3)
-    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), model=TINY, batch_size=4,
-                      max_steps=30, warmup_steps=3, eval_every=30, eval_batches=2,
-                      save_every=30, sample_tokens=0, progress=False))
-    return root / "run"
+def run_dir(trained_run: Path) -> Path:
+    return trained_run
 
 
 def _config(run: Path, out: Path, **overrides) -> QuantizeConfig:
@@ -405,7 +394,7 @@ def test_quantize_stage_end_to_end(run_dir: Path, tmp_path, mode: str, method: s
     assert calibration is None or calibration[0] >= report["eval_tokens"][1]  # disjoint
     model, tok = lmforge.load(report["out"])  # self-contained: model, tokenizer, dtype
     kind = Int8Linear if mode == "int8" else Int4Linear
-    assert sum(isinstance(m, kind) for m in model.modules()) == 7 * TINY["n_layers"]
+    assert sum(isinstance(m, kind) for m in model.modules()) == 7 * TINY_MODEL["n_layers"]
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert tok.fingerprint == Tokenizer.load(run_dir / "tokenizer.lmforge.json").fingerprint
     with pytest.raises(InputError, match="already quantized"):

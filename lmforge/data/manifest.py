@@ -34,6 +34,8 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputError(f"{path}: no manifest; prepare the directory with `lmforge data "
                          "prepare` first") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: corrupt manifest ({e})") from None
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:

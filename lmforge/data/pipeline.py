@@ -5,8 +5,11 @@
 
 Documents travel in chunks through a process pool; each chunk's results (filter verdicts, dedup
 keys, MinHash signatures, tokens) are cached in ``DIR/.work/``, so an interrupted run resumes
-where it stopped, and shards already written and intact are skipped. Deduplication is global (over
-this rank's documents), so it runs once every chunk is done. Scale-out: ``rank``/``world_size``
+where it stopped (a failed run keeps ``.work/`` only when it holds finished chunks). Deduplication
+is global (over this rank's documents), so it runs once every chunk is done. Shards are written
+into ``.work/out/`` (a resumed run keeps those already intact) and moved into ``DIR`` only at the
+end, with the manifest; so an output of an earlier prepare, which is replaced only with ``force``,
+stays whole until the new one is complete. Scale-out: ``rank``/``world_size``
 (defaults from torchrun's ``RANK``/``WORLD_SIZE`` or Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``)
 give each machine every ``world_size``-th document; it writes ``DIR/rank_NNNNN/``, and
 ``lmforge data merge DIR`` combines the rank manifests.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -32,13 +36,16 @@ from lmforge.config import build, check_at_least, option, to_dict
 from lmforge.data.builtin import hash_fraction, is_validation
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
 from lmforge.data.filters import apply_filters, build_filters
-from lmforge.data.manifest import load_manifest, totals, write_manifest
+from lmforge.data.manifest import load_manifest, totals
+from lmforge.data.output import REJECTS, STAGE, claim, finished, publish
 from lmforge.data.shards import Shard, token_dtype, write_shard
 from lmforge.data.sources import ReadOptions, documents, parse_spec
 from lmforge.errors import ConfigError, InputError
 from lmforge.files import atomic_path, atomic_write_text
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -69,6 +76,9 @@ class DataConfig:
         "replace", "invalid UTF-8: replace bad bytes (counted), stop, or drop the document")
     strict: bool = option(False, "stop at a malformed JSONL line or missing field (else skip)")
     rejects: bool = option(False, "write dropped documents with their reason to rejects.jsonl")
+    force: bool = option(False, "replace the output of an earlier, different prepare in `out` "
+                                "(removed only once the new shards are written) and rebuild one "
+                                "finished with this config")
     rank: int = option(_env_int("RANK", "SLURM_PROCID", default=0), "this machine's rank")
     world_size: int = option(_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
                              "number of machines sharing the inputs")
@@ -87,10 +97,19 @@ class DataConfig:
         check_at_least(self, 0, "workers")
         build_filters(self.preset, self.filters)  # rejects an unknown preset, filter or field now
         _ = self.dedup_config  # rejects bad dedup settings now
+        _ = self.read_options  # rejects an empty field or separator now
 
     @property
     def dedup_config(self) -> DedupConfig:
         return build(DedupConfig, ("dedup", self.dedup))
+
+    @property
+    def read_options(self) -> ReadOptions:
+        """How inputs are read (a fresh issue counter each time); quarantine reads like replace
+        and drops the document later."""
+        errors = "replace" if self.utf8_errors == "quarantine" else self.utf8_errors
+        return ReadOptions(field=self.field, separator=self.separator, utf8_errors=errors,
+                           strict=self.strict)
 
     @property
     def out_dir(self) -> Path:
@@ -193,20 +212,10 @@ def _chunks(config: DataConfig, opts: ReadOptions, meta: list[_Doc], read: Count
 
 
 def _fingerprint(config: DataConfig, tok: Tokenizer) -> str:
-    relevant = {k: v for k, v in to_dict(config).items() if k not in ("workers", "progress")}
+    relevant = {k: v for k, v in to_dict(config).items()
+                if k not in ("workers", "progress", "force")}
     relevant["tokenizer"] = tok.fingerprint
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def _prepare_work_dir(out: Path, fingerprint: str) -> Path:
-    """``out/.work`` for this exact config; cached chunks of another config are discarded."""
-    work = out / ".work"
-    stamp = work / "config.sha256"
-    if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
-    return work
 
 
 def _repeats(name: str, weight: float) -> int:
@@ -216,21 +225,34 @@ def _repeats(name: str, weight: float) -> int:
 
 
 def prepare(config: DataConfig) -> dict[str, Any]:
-    """Run the pipeline; returns the manifest (also written to ``out_dir/manifest.json``)."""
+    """Run the pipeline; returns the manifest (also written to ``out_dir/manifest.json``).
+
+    An existing ``out_dir`` is resumed, returned as it is, or refused unless ``config.force``: see
+    :mod:`lmforge.data.output`.
+    """
     tok = Tokenizer.load(config.tokenizer)
     tok.token_id(ENDOFTEXT)  # documents are separated by it: fail now if it is missing
     out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    read_errors = "replace" if config.utf8_errors == "quarantine" else config.utf8_errors
-    opts = ReadOptions(field=config.field, separator=config.separator, utf8_errors=read_errors,
-                       strict=config.strict)
-
     fingerprint = _fingerprint(config, tok)
-    previous = out / "manifest.json"
-    if previous.exists() and json.loads(previous.read_text()).get("fingerprint") == fingerprint:
-        return load_manifest(out)  # already prepared with this exact config
-    work = _prepare_work_dir(out, fingerprint)
+    if not config.force and (manifest := finished(out, fingerprint)):
+        log.info("%s: already prepared with this config; --force rebuilds it", out)
+        return manifest
+    work = claim(out, fingerprint, config.force)
+    try:
+        manifest = _run(config, tok, work)
+        manifest["fingerprint"] = fingerprint
+        names = [s["path"] for s in manifest["shards"]]
+        names += [REJECTS] if config.rejects else []
+        publish(out, work, names, manifest)
+    except BaseException:
+        _keep_if_resumable(work)
+        raise
+    return load_manifest(out)
 
+
+def _run(config: DataConfig, tok: Tokenizer, work: Path) -> dict[str, Any]:
+    """Every chunk through the pool, then dedup and shards into ``work/out``; the manifest."""
+    opts = config.read_options
     meta: list[_Doc] = []
     read: Counter = Counter()
     results: list[dict[str, Any]] = []
@@ -242,13 +264,19 @@ def prepare(config: DataConfig) -> dict[str, Any]:
             results.append(result)
             bar.update(len(result["reasons"]))
     read.update(opts.issues)
-
-    manifest = _deduplicate_and_write(config, tok, out, meta, results)
+    manifest = _deduplicate_and_write(config, tok, work / STAGE, meta, results)
     manifest["stats"]["input"] = dict(read)
-    manifest["fingerprint"] = fingerprint
-    write_manifest(out, manifest)
-    shutil.rmtree(work)
-    return load_manifest(out)
+    return manifest
+
+
+def _keep_if_resumable(work: Path) -> None:
+    """After a failure: keep ``work`` when it holds finished chunks, which a rerun of the same
+    command resumes from; else remove it."""
+    chunks = len(list(work.glob("chunk_*.npz")))
+    if chunks:
+        log.info("%s: kept %d finished chunk(s); rerun the same command to resume", work, chunks)
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # must not hide the error being raised
 
 
 def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: list[_Doc],
@@ -261,7 +289,7 @@ def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: 
         texts = [t for r in results for t in r["rejected"].tolist()]
         lines = [json.dumps({"name": meta[i].name, "reason": str(reasons[i]), "text": t})
                  for i, t in zip(rejected, texts, strict=True)]
-        atomic_write_text(out / "rejects.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(out / REJECTS, "".join(line + "\n" for line in lines))
 
     dedup = config.dedup_config
     drop = np.zeros(len(kept), dtype=bool)
@@ -284,13 +312,17 @@ def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: 
     ends = np.cumsum(np.concatenate([r["lengths"] for r in results])) if results else []
     weights = [parse_spec(s)[1] for s in config.input]
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    for j in np.flatnonzero(~drop):
+    survivors = np.flatnonzero(~drop)
+    for j in survivors:
         doc = meta[kept[j]]
         doc_tokens = tokens[(ends[j - 1] if j else 0) : ends[j]]
         if is_validation(doc.name, config.val_fraction):
             splits["val"].append(doc_tokens)
         else:
             splits["train"] += [doc_tokens] * _repeats(doc.name, weights[doc.source])
+    if config.val_fraction and not splits["val"]:
+        log.warning("no validation split: none of the %d documents fell in --val-fraction %g; "
+                    "raise --val-fraction to get one", len(survivors), config.val_fraction)
 
     dtype = token_dtype(tok.vocab_size)
     shards = [s for split, docs in splits.items()

@@ -13,10 +13,15 @@ A SPEC is one of
 Any SPEC may end in ``@WEIGHT`` (e.g. ``builtin:python-docs@2``) to mix sources: the pipeline
 repeats its training documents ``WEIGHT`` times (a fraction keeps a hash-chosen share).
 
-Text must be UTF-8. ``utf8_errors="replace"`` (default) turns each undecodable byte into U+FFFD and
-counts it on the document; ``"strict"`` raises :class:`InputError` naming the file and byte offset.
-A JSONL line that is not JSON or lacks the field is skipped and counted (file and line number are
-logged), or raises with ``strict=True``.
+A ``.gz`` file is read decompressed (``.jsonl.gz`` as JSONL, any other as text). Text must be
+UTF-8. ``utf8_errors="replace"`` (default) turns each undecodable byte into U+FFFD and counts it on
+the document; ``"strict"`` raises :class:`InputError` naming the file and byte offset.
+
+A JSONL line that is not JSON, or a record or row without a string ``field``, is skipped and
+counted; each file's skips are logged once, as one line, when the file is done (``strict=True``
+raises at the first instead, naming file and line). A file with records but not one usable raises,
+naming the file, the field and the fields found; a SPEC that yields no document, or a file that
+cannot be read (no permission, a truncated gzip stream), raises naming it.
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ import json
 import logging
 import re
 import socket
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from lmforge.data.builtin import BUILTIN_CORPORA, Document, builtin_documents
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +62,18 @@ class ReadOptions:
     # Problems met while reading, for the run report: kind → count.
     issues: Counter = dataclasses.field(default_factory=Counter)
 
+    def __post_init__(self) -> None:
+        if not self.field:
+            raise ConfigError("field: must name the JSONL field / Parquet column holding the text")
+        if self.separator == "":
+            raise ConfigError("separator: must not be empty; leave it unset to read one document "
+                              "per file")
 
-def decode_utf8(data: bytes, where: str, errors: Utf8Errors = "replace") -> tuple[str, int]:
-    """``(text, replaced_bytes)``; with ``errors="replace"`` each bad byte becomes one U+FFFD."""
+
+def decode_utf8(data: bytes, where: str, errors: Utf8Errors = "replace", warn: bool = True
+                ) -> tuple[str, int]:
+    """``(text, replaced_bytes)``; with ``errors="replace"`` each bad byte becomes one U+FFFD
+    (logged unless ``warn`` is false: JSONL files report their lines together)."""
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError as e:
@@ -67,8 +83,9 @@ def decode_utf8(data: bytes, where: str, errors: Utf8Errors = "replace") -> tupl
                              "utf8_errors='replace'") from None
         first = e.start
     text, bad = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
-    log.warning("%s: invalid UTF-8 from byte %d; replaced %d byte(s) with U+FFFD",
-                where, first, bad)
+    if warn:
+        log.warning("%s: invalid UTF-8 from byte %d; replaced %d byte(s) with U+FFFD",
+                    where, first, bad)
     return text, bad
 
 
@@ -101,40 +118,103 @@ def _files(spec: str) -> list[Path]:
                      f"{', '.join(BUILTIN_CORPORA)})")
 
 
-def _field_text(row: Any, opts: ReadOptions, where: str) -> str | None:
-    """The text field of a JSON object / table row, or None (counted) when it is unusable."""
-    if not isinstance(row, dict) or opts.field not in row:
-        problem = f"has no field {opts.field!r}"
-    elif not isinstance(row[opts.field], str):
-        problem = f"field {opts.field!r} is {type(row[opts.field]).__name__}, not a string"
-    else:
-        return row[opts.field]
-    if opts.strict:
-        raise InputError(f"{where}: {problem}")
-    log.warning("%s: %s; skipped", where, problem)
-    opts.issues["missing_field"] += 1
-    return None
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors met while reading ``path`` (an OSError, a broken gzip stream) as an InputError
+    naming it."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: first
+        raise InputError(f"{path}: truncated or not gzip data ({e}); re-download or recompress "
+                         "it") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+class _Records:
+    """The text ``field`` of each record of one file (or dataset). Unusable records are skipped
+    and counted, and :meth:`close` reports them in one line (``strict`` raises at the first)."""
+
+    def __init__(self, where: str, opts: ReadOptions, fields: Iterable[str] = ()) -> None:
+        self.where, self.opts = where, opts
+        self.fields = set(fields)  # field names met, to say what --field could be
+        self.used = 0
+        self.skipped: dict[str, list] = {}  # what was wrong → [records, where first]
+        self.replaced_bytes = 0  # invalid UTF-8 replaced with U+FFFD
+        self.replaced_at = ""  # the first record that had some
+
+    def skip(self, issue: str, what: str, at: str, why: str = "") -> None:
+        """Skip the record ``at`` (``line N``, ``row N``); ``issue`` is its kind in the run
+        report, ``why`` the detail."""
+        why = f" ({why})" if why else ""
+        if self.opts.strict:
+            raise InputError(f"{self.where}: {at}: {what}{why}")
+        self.opts.issues[issue] += 1
+        self.skipped.setdefault(what, [0, at + why])[0] += 1
+
+    def decode(self, raw: bytes, at: str) -> tuple[str, int]:
+        text, bad = decode_utf8(raw, f"{self.where}: {at}", self.opts.utf8_errors, warn=False)
+        if bad and not self.replaced_bytes:
+            self.replaced_at = at
+        self.replaced_bytes += bad
+        return text, bad
+
+    def text(self, row: Any, at: str) -> str | None:
+        """The text field of a JSON object / table row, or None (skipped) when it is unusable."""
+        field = self.opts.field
+        if not isinstance(row, dict):
+            self.skip("missing_field", "not a JSON object", at, type(row).__name__)
+            return None
+        self.fields.update(row)
+        if field not in row:
+            self.skip("missing_field", f"without field {field!r}", at)
+        elif not isinstance(row[field], str):
+            self.skip("missing_field", f"with a non-string {field!r}", at,
+                      type(row[field]).__name__)
+        else:
+            self.used += 1
+            return row[field]
+        return None
+
+    def close(self) -> None:
+        """Report what was skipped or replaced: one warning, or an error when no record was
+        usable."""
+        skipped = sum(n for n, _ in self.skipped.values())
+        notes = [f"{n} {what}, first at {at};" for what, (n, at) in self.skipped.items()]
+        if skipped and not self.used:
+            found = ", ".join(sorted(map(str, self.fields))) or "none"
+            raise InputError(f"{self.where}: no record has a string field {self.opts.field!r} "
+                             f"({' '.join(notes)} fields found: {found}); pass --field NAME")
+        if skipped:
+            notes.insert(0, f"skipped {skipped} of {skipped + self.used} records:")
+        if self.replaced_bytes:
+            notes.append(f"replaced {self.replaced_bytes} invalid UTF-8 byte(s) with U+FFFD, "
+                         f"first at {self.replaced_at};")
+        if notes:
+            log.warning("%s: %s", self.where, " ".join(notes).removesuffix(";"))
 
 
 def _jsonl(path: Path, opts: ReadOptions) -> Iterator[Document]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    records = _Records(str(path), opts)
+    with _reading(path), _open(path) as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
-            line, bad = decode_utf8(raw, where, opts.utf8_errors)
+            at = f"line {lineno}"
+            line, bad = records.decode(raw, at)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                if opts.strict:
-                    raise InputError(f"{where}: not JSON ({e.msg})") from None
-                log.warning("%s: not JSON (%s); skipped", where, e.msg)
-                opts.issues["bad_json"] += 1
+                records.skip("bad_json", "not JSON", at, e.msg)
                 continue
-            text = _field_text(row, opts, where)
+            text = records.text(row, at)
             if text is not None:
-                yield Document(where, text, bad)
+                yield Document(f"{path}:{lineno}", text, bad)
+    records.close()
 
 
 def _parquet(path: Path, opts: ReadOptions) -> Iterator[Document]:
@@ -149,20 +229,21 @@ def _parquet(path: Path, opts: ReadOptions) -> Iterator[Document]:
     if opts.field not in pf.schema_arrow.names:
         raise InputError(f"{path}: no column {opts.field!r} (columns: "
                          f"{', '.join(pf.schema_arrow.names)})")
+    records = _Records(str(path), opts, pf.schema_arrow.names)
     row = 0
-    for batch in pf.iter_batches(columns=[opts.field]):
-        for value in batch.column(0).to_pylist():
-            text = _field_text({opts.field: value}, opts, f"{path}: row {row}")
-            if text is not None:
-                yield Document(f"{path}#{row}", text)
-            row += 1
+    with _reading(path):
+        for batch in pf.iter_batches(columns=[opts.field]):
+            for value in batch.column(0).to_pylist():
+                text = records.text({opts.field: value}, f"row {row}")
+                if text is not None:
+                    yield Document(f"{path}#{row}", text)
+                row += 1
+    records.close()
 
 
 def _text_file(path: Path, opts: ReadOptions) -> Iterator[Document]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    with _reading(path), _open(path) as f:
+        data = f.read()
     text, bad = decode_utf8(data, str(path), opts.utf8_errors)
     if opts.separator is None:
         yield Document(str(path), text, bad)
@@ -183,10 +264,12 @@ def _hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
         raise InputError(f"{spec}: Hugging Face datasets need the `datasets` package "
                          "(pip install datasets)") from None
     stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    records = _Records(spec, opts)
     for i, row in enumerate(stream):
-        text = _field_text(row, opts, f"{spec} row {i}")
+        text = records.text(row, f"row {i}")
         if text is not None:
             yield Document(f"{spec}#{i}", text)
+    records.close()
 
 
 def _require_hub(spec: str, host: str = "huggingface.co", timeout: float = 3.0) -> None:
@@ -199,9 +282,7 @@ def _require_hub(spec: str, host: str = "huggingface.co", timeout: float = 3.0) 
                          "and pass them as paths with --field") from None
 
 
-def documents(spec: str, opts: ReadOptions | None = None) -> Iterator[Document]:
-    """Documents of one input SPEC (without ``@WEIGHT``), in a deterministic order."""
-    opts = opts or ReadOptions()
+def _read(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if spec.startswith("builtin:"):
         yield from builtin_documents(spec.removeprefix("builtin:"))
         return
@@ -210,12 +291,23 @@ def documents(spec: str, opts: ReadOptions | None = None) -> Iterator[Document]:
         return
     for path in _files(spec):
         name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        if name.removesuffix(".gz").endswith((".jsonl", ".ndjson")):
             yield from _jsonl(path, opts)
         elif name.endswith(".parquet"):
             yield from _parquet(path, opts)
         else:
             yield from _text_file(path, opts)
+
+
+def documents(spec: str, opts: ReadOptions | None = None) -> Iterator[Document]:
+    """Documents of one input SPEC (without ``@WEIGHT``), in a deterministic order; raises when
+    the SPEC yields none."""
+    n = 0
+    for doc in _read(spec, opts or ReadOptions()):
+        n += 1
+        yield doc
+    if n == 0:
+        raise InputError(f"{spec}: yields no document (empty file?)")
 
 
 def texts(specs: Iterable[str], opts: ReadOptions | None = None) -> Iterator[str]:

@@ -20,6 +20,7 @@ from lmforge.files import atomic_path
 from lmforge.model import Transformer
 from lmforge.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, PAD, Tokenizer
 from lmforge.tokenizer.bytelevel import bytes_to_str
+from lmforge.vocab import check_vocab
 
 _PRE = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -63,13 +64,15 @@ def export_gguf(model: Transformer, tok: Tokenizer, path: str | Path) -> Path:
         raise ConfigError("GGUF export supports the gpt4 (cl100k) and gpt2 split patterns; this "
                           "tokenizer uses a custom one that llama.cpp would not reproduce")
     cfg = model.config
+    check_vocab(tok.vocab_size, cfg.vocab_size, "tokenizer", "model")
     specials = set(tok.special_tokens.values())
     vocab = tok.vocab
+    # GGUF lists one token per embedding row: the rows of a padded vocabulary get unused
+    # placeholder tokens, as llama.cpp's own converter writes them.
     tokens = [tok.decode_bytes([i]).decode() if i in specials else bytes_to_str(vocab[i])
-              for i in range(cfg.vocab_size) if i in vocab]
-    if len(tokens) != cfg.vocab_size:  # rows of the embedding with no token
-        raise ConfigError(f"model vocab_size {cfg.vocab_size} ≠ tokenizer's {tok.vocab_size}: "
-                          "GGUF needs one token per embedding row")
+              if i in vocab else f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL if i in vocab
+             else gguf.TokenType.UNUSED for i in range(cfg.vocab_size)]
     path = Path(path)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="llama")
@@ -88,8 +91,7 @@ def export_gguf(model: Transformer, tok: Tokenizer, path: str | Path) -> Path:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(_PRE[tok.pattern])
         w.add_token_list(tokens)
-        w.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
-                           for i in range(cfg.vocab_size)])
+        w.add_token_types(types)
         w.add_token_merges([f"{bytes_to_str(a)} {bytes_to_str(b)}" for a, b in tok.merges])
         if ENDOFTEXT in tok.special_tokens:
             w.add_eos_token_id(tok.special_tokens[ENDOFTEXT])

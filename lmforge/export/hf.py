@@ -20,6 +20,7 @@ from lmforge.files import atomic_path, atomic_write_text
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import ENDOFTEXT, PAD, Tokenizer
 from lmforge.tokenizer.hf import load_hf, save_hf
+from lmforge.vocab import check_vocab
 
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
@@ -57,9 +58,7 @@ def export_hf(model: Transformer, tok: Tokenizer, out_dir: str | Path) -> list[P
     from safetensors.torch import save_file
 
     cfg = model.config
-    if tok.vocab_size > cfg.vocab_size:
-        raise InputError(f"tokenizer has {tok.vocab_size} ids but the model only "
-                         f"{cfg.vocab_size}: they do not belong together")
+    check_vocab(tok.vocab_size, cfg.vocab_size, "tokenizer", "model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k if k == "lm_head.weight" else f"model.{k}": v.detach().contiguous().cpu()

@@ -7,9 +7,11 @@ from lmforge.inference.engine import (
     generate,
     generate_batch,
     prefill,
+    room_for,
     sample,
 )
+from lmforge.inference.params import SamplingParams
 from lmforge.inference.text import generate_text
 
-__all__ = ["KVCache", "decode_one_token", "forward_cached", "generate", "generate_batch",
-           "generate_text", "prefill", "sample"]
+__all__ = ["KVCache", "SamplingParams", "decode_one_token", "forward_cached", "generate",
+           "generate_batch", "generate_text", "prefill", "room_for", "sample"]

@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from lmforge.config import check_at_least, option
-from lmforge.errors import ConfigError
+from lmforge.inference.params import SamplingParams
 from lmforge.inference.text import generate_text
 from lmforge.model import Transformer
 from lmforge.tokenizer import CHAT_TOKENS, ENDOFTEXT, Message, Tokenizer, render_chat
@@ -26,16 +24,12 @@ COMMANDS = {"/reset": "forget the conversation, keep the system message",
 
 
 @dataclass
-class ChatConfig:
-    """How ``lmforge chat`` answers."""
+class ChatConfig(SamplingParams):
+    """How ``lmforge chat`` answers: the sampling settings, and these."""
 
+    checkpoint: str = option("", "the model: run directory, checkpoint file, quantized file or "
+                                 "Hugging Face directory")
     system: str | None = option(None, "system message that starts every conversation")
-    max_new_tokens: int = option(256, "longest reply in tokens (also cut where the context ends)")
-    temperature: float = option(0.8, "sampling temperature; 0: greedy")
-    top_k: int | None = option(50, "sample among the k most likely tokens; none: all")
-    top_p: float | None = option(None, "sample among the most likely tokens summing to p")
-    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in the reply; 1: off")
-    seed: int = option(0, "seed of the sampling generator")
     dtype: Literal["fp32", "bf16"] | None = option(
         None, "cast the weights to this dtype (default: as stored); bf16 pays off on large "
               "models")
@@ -43,26 +37,22 @@ class ChatConfig:
                                   "the compilation)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_at_least(self, 1, "max_new_tokens")
-        check_at_least(self, 0, "temperature")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k: must be >= 1 or none, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1] or none, got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
 
 
 def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str],
          write: Callable[[str], None], config: ChatConfig, *, prompt: str = "",
          notify: Callable[[str], None] | None = None) -> list[Message]:
     """Answer each line of ``lines`` (a user message, or a command: /reset, /exit) with a reply
-    streamed through ``write``; ``prompt`` is written before each line is read, notes (dropped
-    turns, messages too long) go to ``notify`` (default: standard error). Returns the history."""
+    streamed through ``write``; ``prompt`` is written before each line is read (without one —
+    piped input — replies are separated by a blank line), notes (dropped turns, messages too
+    long, a reply stopped by Ctrl-C) go to ``notify`` (default: standard error). Ctrl-C during a
+    reply stops that reply only. Returns the history."""
     notify = notify or _to_stderr
     system = [Message("system", config.system)] if config.system is not None else []
     history = list(system)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = config.generator()
     render_chat(tokenizer, [])  # a tokenizer without the chat tokens fails before any input
     # <|end|> ends the reply; so do a new turn's marker and a document end, should they come
     stop_ids = [tokenizer.token_id(s) for s in (*CHAT_TOKENS, ENDOFTEXT)
@@ -107,14 +97,15 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str],
             notify(f"dropped the oldest {turns} turn(s) of the conversation to fit the model's "
                    f"context of {model.config.context} tokens")
         reply = []
-        for chunk in generate_text(model, tokenizer, ids, config.max_new_tokens,
-                                   stop_ids=stop_ids, temperature=config.temperature,
-                                   top_k=config.top_k, top_p=config.top_p,
-                                   repetition_penalty=config.repetition_penalty,
-                                   generator=generator, compile=config.compile):
-            write(chunk)
-            reply.append(chunk)
-        write("\n")
+        try:
+            for chunk in generate_text(model, tokenizer, ids, config, stop_ids=stop_ids,
+                                       generator=generator, compile=config.compile):
+                write(chunk)
+                reply.append(chunk)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
+            notify("\n(reply stopped; the conversation goes on: /exit or Ctrl-D to quit)")
+        # a terminal shows the next prompt after the reply; piped output a blank line
+        write("\n" if prompt else "\n\n")
         history.append(Message("assistant", "".join(reply)))
 
 

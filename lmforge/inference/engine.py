@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import InputError
+from lmforge.inference.params import SamplingParams
 from lmforge.model import Attention, Transformer, apply_rope
 
 # ---------------------------------------------------------------------------------------- cache
@@ -151,27 +152,21 @@ def decode_one_token(model: Transformer, cache: KVCache, token: Tensor, pos: Ten
 # ------------------------------------------------------------------------------------- sampling
 
 
-def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, repetition_penalty: float = 1.0,
-           generator: torch.Generator | None = None, previous_tokens: Tensor | None = None
-           ) -> Tensor:
-    """Next token ids (B,) from logits (B, vocab).
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           previous_tokens: Tensor | None = None, vocab_size: int | None = None) -> Tensor:
+    """Next token ids (B,) from logits (B, vocab) under ``params``; only ids below
+    ``vocab_size`` (the tokenizer's, when the model's vocabulary is padded past it) are drawn.
 
     Order: repetition penalty on ``previous_tokens`` (B, n) (CTRL, arXiv:1909.05858: positive
     logits divided by the penalty, negative ones multiplied) → greedy argmax if temperature is 0,
     else logits / temperature → keep exactly the ``top_k`` largest → keep the smallest set of
     most likely tokens whose probability sums to ≥ ``top_p`` (at least one) → draw with
-    ``generator`` (on the logits' device), never touching the global RNG.
+    ``generator`` (on the logits' device; None: the global RNG — :func:`generate` passes one
+    seeded with ``params.seed``).
     """
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if repetition_penalty <= 0:
-        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    logits = logits.float()
+    temperature, top_k, top_p = params.temperature, params.top_k, params.top_p
+    repetition_penalty = params.repetition_penalty
+    logits = logits[:, :vocab_size].float()
     if repetition_penalty != 1.0 and previous_tokens is not None and previous_tokens.numel():
         seen = logits.gather(1, previous_tokens)
         seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
@@ -200,25 +195,26 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
 # ----------------------------------------------------------------------------------- generation
 
 
-def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
-             generator: torch.Generator | None = None, compile: bool = False
-             ) -> Iterator[int]:
+def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingParams, *,
+             stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+             vocab_size: int | None = None, compile: bool = False) -> Iterator[int]:
     """Stream new token ids after ``prompt_ids``; a stop id ends the stream and is not yielded.
 
-    ``max_new_tokens`` is clipped so that prompt + new tokens fit in the model's context.
-    Sampling arguments as in :func:`sample` (temperature 0: greedy). ``compile``: decode
-    steps run through ``torch.compile`` (the first call pays the compilation: ~20 s on 2 CPU
-    cores; worth it for long or repeated generations).
+    ``params.max_new_tokens`` is clipped so that prompt + new tokens fit in the model's
+    context (:func:`room_for`); the other settings as in :func:`sample` (``params.stop``
+    strings are text: :func:`lmforge.inference.generate_text` handles them). ``generator``
+    replaces the one seeded with ``params.seed`` (to draw several samples in a row);
+    ``vocab_size`` keeps the draws to a tokenizer's ids (see :func:`sample`).
+    ``compile``: decode steps run through ``torch.compile`` (the first call pays the
+    compilation: ~20 s on 2 CPU cores; worth it for long or repeated generations).
     """
     prompts = [list(prompt_ids)]
-    max_new_tokens = _check_inputs(model, prompts, max_new_tokens)  # raise now, not on next()
+    max_new_tokens = _check_inputs(model, prompts, params)  # raise now, not on next()
     stops = set(stop_ids)
 
     def stream() -> Iterator[int]:
-        for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    repetition_penalty, stop_ids, generator, compile):
+        for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
+                                    generator, vocab_size, compile):
             token = int(step[0])
             if token in stops:
                 return
@@ -227,22 +223,21 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
     return stream()
 
 
-def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   *, temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None, repetition_penalty: float = 1.0,
-                   stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
+                   params: SamplingParams, *, stop_ids: Sequence[int] = (),
+                   generator: torch.Generator | None = None, vocab_size: int | None = None,
                    compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (lengths may differ; they are left-padded), decoded
     together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
     (clipped so the longest prompt + new tokens fit in the context). Other arguments as in
     :func:`generate`."""
     prompts = [list(p) for p in prompts]
-    max_new_tokens = _check_inputs(model, prompts, max_new_tokens)
+    max_new_tokens = _check_inputs(model, prompts, params)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     stops = set(stop_ids)
-    for step in _generate_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, stop_ids, generator, compile):
+    for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids, generator,
+                                vocab_size, compile):
         for row, token in enumerate(step.tolist()):
             if not done[row]:
                 if token in stops:
@@ -252,9 +247,15 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     return out
 
 
-def _check_inputs(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> int:
-    """Reject bad prompts with an actionable message; ``max_new_tokens`` clipped to the context
-    left after the longest prompt."""
+def room_for(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
+    """``max_new_tokens`` cut so that a prompt of ``prompt_len`` tokens and the new tokens fit
+    in the model's context."""
+    return max(0, min(max_new_tokens, model.config.context - prompt_len))
+
+
+def _check_inputs(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> int:
+    """Reject bad prompts with an actionable message; ``params.max_new_tokens`` clipped to the
+    context left after the longest prompt."""
     config = model.config
     if not prompts:
         raise InputError("no prompts given")
@@ -268,16 +269,14 @@ def _check_inputs(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         if bad:
             raise InputError(f"prompt {i} has token ids outside 0 .. {config.vocab_size - 1}: "
                              f"{bad[:5]}")
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    return min(max_new_tokens, config.context - max(len(p) for p in prompts))
+    return room_for(model, max(len(p) for p in prompts), params.max_new_tokens)
 
 
 @torch.no_grad()
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
-                    temperature: float, top_k: int | None, top_p: float | None,
-                    repetition_penalty: float, stop_ids: Sequence[int],
-                    generator: torch.Generator | None, compile: bool) -> Iterator[Tensor]:
+                    params: SamplingParams, stop_ids: Sequence[int],
+                    generator: torch.Generator | None, vocab_size: int | None, compile: bool
+                    ) -> Iterator[Tensor]:
     """Yield next tokens (B,) per step until every row has hit a stop id or the length cap."""
     if max_new_tokens == 0:
         return
@@ -296,9 +295,9 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
         pos = positions[:, -1]
+        generator = generator if generator is not None else params.generator(device)
         for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, repetition_penalty, generator,
-                           generated[:, :step])
+            token = sample(logits, params, generator, generated[:, :step], vocab_size)
             yield token
             done |= torch.isin(token, stops)
             if step == max_new_tokens - 1 or bool(done.all()):

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lmforge.errors import InputError
 from lmforge.inference.engine import generate
+from lmforge.inference.params import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 from lmforge.tokenizer.chat import END
@@ -27,27 +27,19 @@ def default_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt_ids: Sequence[int],
-                  max_new_tokens: int, *, stop: Sequence[str] = (),
-                  stop_ids: Sequence[int] | None = None, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-                  compile: bool = False) -> Iterator[str]:
-    """Stream the text generated after ``prompt_ids`` in chunks, until a ``stop`` string (not
-    emitted, nor anything after it), a stop id (default: :func:`default_stop_ids`) or
-    ``max_new_tokens``. Sampling arguments and ``compile`` as in
-    :func:`lmforge.inference.generate`; bad input
-    raises here, not on the first ``next()``."""
-    if isinstance(stop, str):
-        raise InputError(f"stop must be a sequence of strings, got the string {stop!r}; "
-                         "wrap it in a list")
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise InputError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+                  params: SamplingParams, *, stop_ids: Sequence[int] | None = None,
+                  generator: torch.Generator | None = None, compile: bool = False
+                  ) -> Iterator[str]:
+    """Stream the text generated after ``prompt_ids`` in chunks, until a ``params.stop`` string
+    (not emitted, nor anything after it), a stop id (default: :func:`default_stop_ids`) or
+    ``params.max_new_tokens``; only the tokenizer's ids are drawn. ``generator`` and
+    ``compile`` as in :func:`lmforge.inference.generate`; bad input raises here, not on the
+    first ``next()``."""
     if stop_ids is None:
         stop_ids = default_stop_ids(tokenizer)
-    tokens = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-                      generator=generator, compile=compile)
-    return _stream(tokens, tokenizer, tuple(stop))
+    tokens = generate(model, prompt_ids, params, stop_ids=stop_ids, generator=generator,
+                      vocab_size=tokenizer.vocab_size, compile=compile)
+    return _stream(tokens, tokenizer, tuple(params.stop))
 
 
 def _stream(tokens: Iterator[int], tokenizer: Tokenizer, stop: tuple[str, ...]

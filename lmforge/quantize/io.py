@@ -24,6 +24,7 @@ from lmforge.files import atomic_path
 from lmforge.hardware import DTYPES, DType
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize.layers import MODES, Int4Linear, Int8Linear
+from lmforge.vocab import check_vocab
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
@@ -149,7 +150,6 @@ def open_quantized(path: str | Path, device: str | torch.device = "cpu"
     """``(model, tokenizer)`` ready to run, from a file :func:`save_quantized` wrote with a
     tokenizer: the model in eval mode and in its recorded dtype. What ``lmforge.load`` uses."""
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import check_vocab
 
     model, meta = _load(path, device)
     if "tokenizer" not in meta:

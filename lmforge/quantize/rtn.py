@@ -50,3 +50,19 @@ def quantize_model(model: nn.Module, mode: Mode, group_size: int = 128,
             Int4Linear.from_linear(linear, group_size)
         model.set_submodule(name, q.to(linear.weight.device))
     return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap ``model``'s int8/int4 layers back for float32 ``nn.Linear`` ones holding the weights
+    they compute with, and cast the rest to float32: a plain float model (for export), which
+    carries the quantization error. Returns the model."""
+    for name, q in [(n, m) for n, m in model.named_modules()
+                    if isinstance(m, Int8Linear | Int4Linear)]:
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                           device=q.weight.device)
+        linear.weight.copy_(q.dequantize())
+        if q.bias is not None:
+            linear.bias.copy_(q.bias)
+        model.set_submodule(name, linear)
+    return model.float()

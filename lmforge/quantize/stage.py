@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from lmforge.config import check_at_least, option
+from lmforge.data.manifest import load_manifest
 from lmforge.errors import ConfigError, InputError
-from lmforge.hardware import DTYPES, resolve_dtype
+from lmforge.files import check_output
+from lmforge.hardware import DTYPES, resolve_device, resolve_dtype
 from lmforge.model import Transformer
 from lmforge.quantize.awq import awq_scale_model
 from lmforge.quantize.calibration import calibration_batches
 from lmforge.quantize.gptq import gptq_quantize_model
-from lmforge.quantize.io import (
-    open_quantized,
-    quantized_metadata,
-    save_quantized,
-    size_report,
-)
+from lmforge.quantize.io import save_quantized, size_report
 from lmforge.quantize.layers import MODES, Mode, check_group_size
 from lmforge.quantize.rtn import quantize_model
+from lmforge.tokenizer import Tokenizer
 
 Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
@@ -44,7 +40,8 @@ METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 class QuantizeConfig:
     """Post-training weight-only quantization of a trained model (``lmforge quantize``)."""
 
-    checkpoint: str = option("", "run directory (its best checkpoint) or checkpoint file")
+    checkpoint: str = option("", "the float model: run directory (its best checkpoint), "
+                                 "checkpoint file or Hugging Face directory")
     out: str = option("", "quantized model file to write, e.g. model.int4.safetensors")
     mode: Mode = option("int4", "int8: one scale per output channel; int4: one scale per "
                                 "group_size input columns, two codes per byte")
@@ -55,7 +52,8 @@ class QuantizeConfig:
                "arXiv:2210.17323); awq: activation-aware scaling, then rtn (arXiv:2306.00978); "
                "awq-gptq: activation-aware scaling, then gptq")
     data: str = option("", "prepared data directory whose validation split calibrates and "
-                           "evaluates (default: the `data` of the run's config.json)")
+                           "evaluates (default: the `data` of the run's config.json); it "
+                           "must be tokenized with the model's tokenizer")
     batch_size: int = option(16, "sequences per evaluation and calibration batch")
     seq_len: int = option(0, "tokens per evaluation sequence (0: the model's context)")
     eval_batches: int = option(20, "validation batches bpb is measured on, from the start of the "
@@ -71,6 +69,7 @@ class QuantizeConfig:
                 "lmforge.load: auto = bf16 where the hardware has bf16 matmuls (on CPU that runs "
                 "the fused int8/int4 kernels), else fp32")
     progress: bool = option(True, "show progress bars")
+    force: bool = option(False, "replace an existing output file")
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "out"):
@@ -93,20 +92,6 @@ class QuantizeConfig:
             raise ConfigError(f"dtype: must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
-def run_data_dir(checkpoint: Path) -> str:
-    """The prepared data directory a run trained on, from ``RUN/config.json``; ``checkpoint``
-    is ``RUN/checkpoints/step_N.pt``."""
-    path = checkpoint.parent.parent / "config.json"
-    try:
-        data = json.loads(path.read_text())["train"]["data"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        data = None
-    if not isinstance(data, str) or not data:
-        raise ConfigError(f"data: no prepared data directory recorded in {path} (train.data); "
-                          "give --data")
-    return data
-
-
 def apply_method(model: Transformer, calibration: list[Tensor], config: QuantizeConfig
                  ) -> dict[str, float]:
     """Quantize the float ``model`` in place with ``config``'s method, mode and group size;
@@ -126,21 +111,26 @@ def apply_method(model: Transformer, calibration: list[Tensor], config: Quantize
 def quantize(config: QuantizeConfig) -> dict[str, Any]:
     """Quantize ``config.checkpoint`` into ``config.out`` and report sizes and bpb before and
     after (a JSON-able dict; see docs/inference.md)."""
-    import lmforge
-    from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.loading import open_model
     from lmforge.train.validation import Validator, token_bytes
 
     start = time.perf_counter()
-    device = torch.device(config.device)
-    ckpt = resolve_checkpoint(config.checkpoint)
-    if ckpt.is_file() and quantized_metadata(ckpt) is not None:
-        raise InputError(f"{ckpt}: already quantized; give the float run or checkpoint")
-    model, tok = lmforge.load(str(ckpt), str(device))
-    data = config.data or run_data_dir(ckpt)
+    check_output(config.out, config.force)
+    device = resolve_device(config.device)
+    loaded = open_model(config.checkpoint, device)
+    if loaded.quantization is not None:
+        raise InputError(f"{loaded.source}: already quantized ({loaded.quantization}); give the "
+                         "float run, checkpoint or Hugging Face directory")
+    model, tok = loaded
+    data = config.data or (loaded.run.data_dir() if loaded.run is not None else None)
+    if not data:
+        raise ConfigError(f"data: {config.checkpoint} records no prepared data directory "
+                          "(a run's config.json does); give --data")
     if not Path(data, "manifest.json").is_file():
         raise InputError(f"{data}: not a prepared data directory (no manifest.json)"
-                         + ("" if config.data else f", as recorded in {ckpt.parent.parent}/"
-                            "config.json; give --data"))
+                         + ("" if config.data else f", as recorded in {loaded.run.config}; "
+                            "give --data"))
+    check_data_tokenizer(data, tok, loaded.source)
     seq_len = config.seq_len or model.config.context
     validator = Validator(data, token_bytes(tok), config.batch_size, seq_len,
                           config.eval_batches, device)
@@ -165,13 +155,14 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
     quantize_seconds = time.perf_counter() - t
     sizes = size_report(model)
     out = save_quantized(model, config.out, tok, dtype,
-                         info={"method": config.method, "source": str(ckpt)})
-    quantized, _ = open_quantized(out, device)  # measure what lmforge.load will give
+                         info={"method": config.method, "source": str(loaded.source)})
+    quantized = open_model(out, device).model  # measure what lmforge.load gives
     after = validator.run(quantized, no_autocast)
     file_bytes = out.stat().st_size
 
     report = {
-        "out": str(out), "checkpoint": str(ckpt), "mode": config.mode, "method": config.method,
+        "out": str(out), "checkpoint": str(loaded.source), "kind": loaded.kind,
+        "mode": config.mode, "method": config.method,
         "group_size": config.group_size if config.mode == "int4" else None, "dtype": dtype,
         "device": str(device), "data": str(data),
         "eval_tokens": [0, eval_end], "calibration_tokens": calibration_range,
@@ -180,7 +171,7 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
         "val_loss_before": round(before["val_loss"], 5),
         "val_loss_after": round(after["val_loss"], 5),
         "file_bytes": file_bytes, "fp32_weights_bytes": fp32_bytes,
-        "checkpoint_file_bytes": ckpt.stat().st_size,
+        "checkpoint_file_bytes": _bytes_on_disk(loaded.source),
         "file_vs_fp32": round(file_bytes / fp32_bytes, 4),
         "quantized_layers_bytes": sizes.quantized_bytes,
         "quantized_layers_fp32_bytes": sizes.quantized_fp32_bytes,
@@ -193,3 +184,20 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
     report["quantize_seconds"] = round(quantize_seconds, 2)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def check_data_tokenizer(data: str | Path, tokenizer: Tokenizer, model_source: Path) -> None:
+    """Refuse prepared data tokenized with another tokenizer than the model's: its bpb would
+    be meaningless."""
+    manifest = load_manifest(data)
+    if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+        raise InputError(f"{data}: prepared with the tokenizer {manifest['tokenizer']['path']}, "
+                         f"not the one of {model_source}; prepare the data with the model's "
+                         "tokenizer, or give --data of the run it was trained on")
+
+
+def _bytes_on_disk(source: Path) -> int:
+    """Size of a model file, or of a directory's weight files."""
+    if source.is_file():
+        return source.stat().st_size
+    return sum(p.stat().st_size for p in source.glob("*.safetensors"))

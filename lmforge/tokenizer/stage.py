@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
+
 from lmforge.config import check_at_least, option, to_dict
 from lmforge.data.sources import ReadOptions, texts
 from lmforge.errors import ConfigError
-from lmforge.files import atomic_write_text
+from lmforge.files import atomic_write_text, check_output
 from lmforge.tokenizer.hf import load_hf, save_hf
 from lmforge.tokenizer.pretokenize import PATTERNS
 from lmforge.tokenizer.tiktoken_file import save_tiktoken
@@ -39,6 +41,7 @@ class TokenizerTrainConfig:
     utf8_errors: Literal["replace", "strict"] = option(
         "replace", "invalid UTF-8 in input: replace each bad byte with U+FFFD and warn, or stop")
     progress: bool = option(True, "show progress bars")
+    force: bool = option(False, "replace an existing output file")
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -53,6 +56,16 @@ class TokenizerTrainConfig:
         check_at_least(self, 0, "workers")
         if any(not s for s in self.special_tokens):
             raise ConfigError("special_tokens: an empty string cannot be a special token")
+        try:
+            regex.compile(self.regex)
+        except regex.error as e:
+            raise ConfigError(f"pattern: not a valid regex ({e}); use gpt4, gpt2 or a regex"
+                              ) from None
+        self.read_options()  # rejects an empty field or separator now, not mid-run
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(field=self.field, separator=self.separator,
+                           utf8_errors=self.utf8_errors)
 
     @property
     def regex(self) -> str:
@@ -66,9 +79,9 @@ def train_tokenizer(config: TokenizerTrainConfig, corpus: Iterable[str] | None =
     Returns the tokenizer and a summary (time, sizes) that is also written beside the file as
     ``<out>.train.json`` together with the resolved config.
     """
+    check_output(config.out, config.force)
     if corpus is None:
-        corpus = texts(config.input, ReadOptions(field=config.field, separator=config.separator,
-                                                 utf8_errors=config.utf8_errors))
+        corpus = texts(config.input, config.read_options())
     seen = 0
 
     def counted(docs: Iterable[str]) -> Iterable[str]:
@@ -129,8 +142,11 @@ def load_any(path: str | Path) -> Tokenizer:
 ExportFormat = Literal["hf", "tiktoken"]
 
 
-def export_tokenizer(tok: Tokenizer, fmt: ExportFormat, out_dir: str | Path) -> list[Path]:
-    """Write ``tok`` as Hugging Face files or a tiktoken rank file; returns the files written."""
+def export_tokenizer(tok: Tokenizer, fmt: ExportFormat, out_dir: str | Path,
+                     force: bool = False) -> list[Path]:
+    """Write ``tok`` as Hugging Face files or a tiktoken rank file into ``out_dir`` (refused if
+    it is not empty, unless ``force``); returns the files written."""
+    check_output(out_dir, force, directory=True)
     if fmt == "hf":
         save_hf(tok, out_dir)
         names = ["tokenizer.json", "tokenizer_config.json"]
@@ -142,8 +158,10 @@ def export_tokenizer(tok: Tokenizer, fmt: ExportFormat, out_dir: str | Path) -> 
     return [Path(out_dir) / n for n in names]
 
 
-def import_tokenizer(source: str | Path, out: str | Path) -> Tokenizer:
-    """Convert a Hugging Face byte-level BPE to an lmforge tokenizer file at ``out``."""
+def import_tokenizer(source: str | Path, out: str | Path, force: bool = False) -> Tokenizer:
+    """Convert a Hugging Face byte-level BPE to an lmforge tokenizer file at ``out`` (refused if
+    it exists, unless ``force``)."""
+    check_output(out, force)
     tok = load_hf(source)
     tok.save(out)
     return tok

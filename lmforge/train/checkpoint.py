@@ -19,9 +19,9 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.files import atomic_path, atomic_write_text
+from lmforge.rundir import RunDir
 
 INDEX = "index.json"
-TOKENIZER_FILE = "tokenizer.lmforge.json"  # the run's copy of its tokenizer, next to checkpoints/
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,8 +43,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpoints:
     """The checkpoint folder of one run."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
+    def __init__(self, run: RunDir, keep_last: int = 3) -> None:
+        self.dir = run.checkpoints
         self.keep_last = keep_last
 
     def entries(self) -> list[dict[str, Any]]:
@@ -108,68 +108,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not an lmforge checkpoint (no model/config inside)")
     return state
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best checkpoint, else its latest)."""
-    path = Path(path)
-    if path.is_dir():
-        ckpts = Checkpoints(path)
-        found = ckpts.best() or ckpts.latest()
-        if found is None:
-            raise InputError(f"{path}: run directory has no checkpoints")
-        return found
-    return path
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a run directory (best checkpoint, else latest), a checkpoint
-    file (the tokenizer is the run's copy, checked against the checkpoint's fingerprint), a
-    quantized model file (``lmforge quantize``; it holds its tokenizer) or a Hugging Face Llama
-    directory."""
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.quantize.io import open_quantized, quantized_metadata
-    from lmforge.tokenizer import Tokenizer
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such checkpoint file, run directory or Hugging Face "
-                         "model directory")
-    if path.is_file() and quantized_metadata(path) is not None:
-        return open_quantized(path, device)
-    is_run_dir = (path / "checkpoints").is_dir() or (path / TOKENIZER_FILE).is_file()
-    if path.is_dir() and not is_run_dir:
-        if not (path / "config.json").is_file():
-            raise InputError(f"{path}: neither a run directory (no checkpoints/ or "
-                             f"{TOKENIZER_FILE}) nor a Hugging Face model directory (no "
-                             "config.json)")
-        from lmforge.export.hf import load_hf_model
-
-        model, tokenizer = load_hf_model(path)
-        tok_file = path / "tokenizer.json"
-        check_vocab(tokenizer.vocab_size, model.config.vocab_size,
-                    tok_file if tok_file.is_file() else path, path / "config.json")
-        return model.to(device), tokenizer
-    ckpt = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt)
-    tok_path = ckpt.parent.parent / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise InputError(f"{ckpt}: its run's tokenizer {tok_path} is missing (a checkpoint file "
-                         f"is read with the {TOKENIZER_FILE} of its run directory)")
-    tokenizer = Tokenizer.load(tok_path)
-    check_vocab(tokenizer.vocab_size, state["model_config"]["vocab_size"], tok_path, ckpt)
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise InputError(f"{tok_path}: tokenizer does not match the checkpoint {ckpt}")
-    model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokenizer
-
-
-def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer_file: str | Path,
-                model_file: str | Path) -> None:
-    """Refuse a tokenizer with ids the model has no embedding for. A model vocabulary larger
-    than the tokenizer's is fine: it is often padded to a multiple of 64 for speed."""
-    if tokenizer_vocab > model_vocab:
-        raise InputError(f"{tokenizer_file}: the tokenizer has {tokenizer_vocab} ids but the "
-                         f"model in {model_file} only {model_vocab} (vocab_size); they do not "
-                         "belong together: use the tokenizer the model was trained with")

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import ConfigError
+from lmforge.hardware import resolve_device
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
@@ -102,6 +101,9 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                     model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
     set_state_dict(model, optimizer, model_state_dict=model_state,
                    optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
+    for group in optimizer.param_groups:  # the flattened state dict stores tuples as lists
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
 
 
 def all_reduce_mean(value: float, env: DistEnv) -> float:

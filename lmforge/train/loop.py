@@ -1,54 +1,54 @@
-"""``lmforge train``: the pretraining loop, in one visible ``while``.
+"""The training loop, one for every objective, in one visible ``while``.
 
     set LR → evaluate / sample / checkpoint → micro-steps (forward, backward) → clip
            → spike verdict (step, skip, or roll back) → log
 
-The same function runs alone or under ``torchrun`` (DDP or FSDP2 applied from outside the model).
+:func:`fit` takes a built model, its optimizer, a source of batches and a loss function; what it
+adds is the same for pretraining and every fine-tuning method: the warmup + cosine schedule,
+gradient accumulation, bf16 autocast, clipping, loss-spike skip/rollback, atomic checkpoints with
+bit-exact resume, metrics and plots, a time budget, and a clean stop on Ctrl-C or SIGTERM (a
+checkpoint at the current step). It runs alone or under ``torchrun``: the builder applies DDP or
+FSDP2 from outside the model with :func:`place` before it builds the optimizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import signal
+import threading
 import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor, nn
 
-from lmforge.config import build, to_dict
-from lmforge.data.loader import TokenLoader
-from lmforge.data.manifest import load_manifest
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.config import build
+from lmforge.errors import ConfigError, InputError, LmforgeError, TrainingInterrupted
 from lmforge.files import atomic_write_text
-from lmforge.generate import sample
 from lmforge.hardware import resolve_dtype
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig
 from lmforge.progress import progress_bar
-from lmforge.tokenizer import ENDOFTEXT, Tokenizer
-from lmforge.train.checkpoint import (
-    TOKENIZER_FILE,
-    Checkpoints,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from lmforge.train.config import TrainConfig
+from lmforge.rundir import RunDir
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
+from lmforge.train.config import LoopConfig
 from lmforge.train.distributed import (
     DistEnv,
     all_reduce_mean,
     full_state,
-    init_distributed,
     load_full_state,
     parallelize,
-    shutdown_distributed,
     unwrap,
 )
 from lmforge.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.spikes import SpikeConfig, SpikeDetector
-from lmforge.train.validation import Validator, token_bytes, unigram_bpb
+
+log = logging.getLogger(__name__)
 
 # Known dense bf16 peaks (FLOP/s) for MFU: NVIDIA H100/H200 SXM datasheets, A100 datasheet.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -58,7 +58,87 @@ class TrainingError(LmforgeError):
     """Training cannot go on (e.g. loss spikes keep coming back after every rollback)."""
 
 
-def _peak_flops(config: TrainConfig, env: DistEnv) -> float:
+class Batches(Protocol):
+    """A source of training batches whose position a checkpoint records and restores."""
+
+    step: int  # batches drawn so far; a rollback moves it past the data that caused a spike
+
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) → mean loss of the micro-batch
+
+
+@dataclass
+class RunInfo:
+    """What is saved with the run: ``config`` (the resolved training config, written to
+    ``config.json`` as ``train`` and into every checkpoint), the model's shape and its tokenizer
+    (the run's copy; its fingerprint is checked on resume)."""
+
+    config: dict[str, Any]
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+
+
+def place(model: nn.Module, config: LoopConfig, env: DistEnv) -> nn.Module:
+    """``model`` on the run's device, wrapped for data parallelism when under torchrun."""
+    return parallelize(model.to(env.device), config.parallel, env)
+
+
+def optimizer_for(model: nn.Module, config: LoopConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters (frozen ones are left out)."""
+    return build_optimizer(unwrap(model), config.lr, config.weight_decay,
+                           (config.beta1, config.beta2), config.decay_embeddings)
+
+
+class _State:
+    """What a checkpoint holds and a rollback restores, around the model and optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches,
+                 config: LoopConfig, info: RunInfo) -> None:
+        self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.info = info
+        self.detector = SpikeDetector(build(SpikeConfig, ("spike", config.spike)))
+        self.step = 0
+        self.cooldown_until = 0
+        self.rollbacks = 0
+
+    def state(self, val_loss: float | None) -> dict[str, Any]:
+        model_state, optim_state = full_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state, "step": self.step,
+                "loader": self.batches.state_dict(), "detector": self.detector.state_dict(),
+                "rng": rng_state(), "cooldown_until": self.cooldown_until,
+                "rollbacks": self.rollbacks, "val_loss": val_loss, "config": self.info.config,
+                "model_config": asdict(self.info.model_config),
+                "tokenizer_fingerprint": self.info.tokenizer.fingerprint}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state["tokenizer_fingerprint"] != self.info.tokenizer.fingerprint:
+            raise ConfigError("checkpoint was trained with a different tokenizer than the data's")
+        if state["model_config"] != asdict(self.info.model_config):
+            raise ConfigError("checkpoint's model config differs from this run's; resume with "
+                              "the same preset and model overrides")
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.step = state["step"]
+        self.batches.load_state_dict(state["loader"])
+        self.detector.load_state_dict(state["detector"])
+        set_rng_state(state["rng"])
+        self.cooldown_until = state["cooldown_until"]
+        self.rollbacks = state["rollbacks"]
+
+
+def autocast_for(config: LoopConfig, env: DistEnv) -> contextlib.AbstractContextManager:
+    """bf16 autocast where ``config.dtype`` resolves to bf16 on the run's device, else nothing."""
+    if resolve_dtype(config.dtype, env.device) != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
+
+
+def _peak_flops(config: LoopConfig, env: DistEnv) -> float:
     if config.peak_flops:
         return config.peak_flops
     if env.device.type == "cuda":
@@ -67,166 +147,144 @@ def _peak_flops(config: TrainConfig, env: DistEnv) -> float:
     return 0.0
 
 
-def _autocast(config: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
-    if resolve_dtype(config.dtype, env.device) != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
-
-
-def _corrupt(x: torch.Tensor, vocab: int, data_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniformly random tokens: a batch no model can predict (loss ≈ ln vocab)."""
-    g = torch.Generator().manual_seed(data_step)
-    noise = torch.randint(0, vocab, (x.shape[0], x.shape[1] + 1), generator=g).to(x.device)
-    return noise[:, :-1], noise[:, 1:]
-
-
-class _Run:
-    """The state a checkpoint holds and a rollback restores, around the model and optimizer."""
-
-    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
-        self.config, self.env = config, env
-        self.out = Path(config.out)
-        manifest = load_manifest(config.data)
-        tok_path = Path(manifest["tokenizer"]["path"])
-        self.tokenizer = Tokenizer.load(tok_path)
-        if self.tokenizer.fingerprint != manifest["tokenizer"]["fingerprint"]:
-            raise ConfigError(f"{tok_path}: tokenizer changed since {config.data} was prepared")
-        overrides = {"vocab_size": self.tokenizer.vocab_size, **config.model}
-        self.model_config = ModelConfig.from_preset(config.preset, **overrides)
-        if self.model_config.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size {self.model_config.vocab_size} is smaller than "
-                              f"the tokenizer's {self.tokenizer.vocab_size}")
-        self.seq_len = config.seq_len or self.model_config.context
-        if self.seq_len > self.model_config.context:
-            raise ConfigError(f"seq_len: {self.seq_len} exceeds the model context "
-                              f"{self.model_config.context}")
-
-        torch.manual_seed(config.seed)
-        model = Transformer(self.model_config).to(env.device)
-        self.model = parallelize(model, config.parallel, env)
-        self.compiled = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = build_optimizer(unwrap(self.model), config.lr, config.weight_decay,
-                                         (config.beta1, config.beta2), config.decay_embeddings)
-        self.loader = TokenLoader(config.data, "train", config.batch_size, self.seq_len,
-                                  config.loader_mode, config.seed, env.rank, env.world_size,
-                                  env.device)
-        self.detector = SpikeDetector(build(SpikeConfig, ("spike", config.spike)))
-        self.checkpoints = Checkpoints(self.out, config.keep_last)
-        self.step = 0
-        self.cooldown_until = 0
-        self.rollbacks = 0
-        self.best_val: float | None = None
-
-    def state(self, val_loss: float | None) -> dict[str, Any]:
-        model_state, optim_state = full_state(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state, "step": self.step,
-                "loader": self.loader.state_dict(), "detector": self.detector.state_dict(),
-                "rng": rng_state(), "cooldown_until": self.cooldown_until,
-                "rollbacks": self.rollbacks, "val_loss": val_loss,
-                "config": to_dict(self.config), "model_config": asdict(self.model_config),
-                "tokenizer_fingerprint": self.tokenizer.fingerprint}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
-            raise ConfigError("checkpoint was trained with a different tokenizer than the data's")
-        if state["model_config"] != asdict(self.model_config):
-            raise ConfigError("checkpoint's model config differs from this run's; resume with "
-                              "the same preset and model overrides")
-        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.step = state["step"]
-        self.loader.load_state_dict(state["loader"])
-        self.detector.load_state_dict(state["detector"])
-        set_rng_state(state["rng"])
-        self.cooldown_until = state["cooldown_until"]
-        self.rollbacks = state["rollbacks"]
-
-
-def _prepare_run_dir(run: _Run, resume: bool) -> None:
-    out = run.out
-    if not resume and run.checkpoints.entries():
-        raise ConfigError(f"out: {out} already holds a run; pass --resume to continue it or "
-                          "choose another directory")
-    if not run.env.is_main:
+def _resume(state: _State, checkpoints: Checkpoints) -> None:
+    """Restore the newest readable checkpoint; a damaged newer one is named and passed over."""
+    entries = checkpoints.entries()
+    if not entries:
+        raise ConfigError(f"resume: {checkpoints.dir.parent} has no checkpoint to resume")
+    for entry in reversed(entries):
+        path = checkpoints.dir / entry["path"]
+        try:
+            saved = load_checkpoint(path)
+        except InputError as e:
+            log.warning("skipping an unreadable checkpoint: %s", e)
+            continue
+        if path.name != entries[-1]["path"]:
+            log.warning("resuming from %s, the newest readable checkpoint", path)
+        state.restore(saved)
         return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(
-        {"train": to_dict(run.config), "model": asdict(run.model_config)}, indent=2))
-    run.tokenizer.save(out / TOKENIZER_FILE)
-    metrics = out / "metrics.jsonl"
-    if resume and metrics.exists():  # drop what the interrupted run logged past the checkpoint
-        kept = [r for r in read_metrics(metrics) if r["step"] < run.step]
-        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    raise ConfigError(f"resume: none of the checkpoints in {checkpoints.dir} is readable")
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train; returns the final figures (also the last line of ``metrics.jsonl``)."""
-    env = init_distributed(config.device)
+def _prepare_run_dir(run: RunDir, state: _State, config: LoopConfig, env: DistEnv) -> None:
+    if not config.resume and Checkpoints(run).entries():
+        raise ConfigError(f"out: {run.path} already holds a run; pass --resume to continue it "
+                          "or choose another directory")
+    if not env.is_main:
+        return
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.config, json.dumps(
+        {"train": state.info.config, "model": asdict(state.info.model_config)}, indent=2))
+    state.info.tokenizer.save(run.tokenizer)
+    if config.resume and run.metrics.exists():  # drop what the interrupted run logged past it
+        kept = [r for r in read_metrics(run.metrics) if r["step"] < state.step]
+        atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict[str, str]]:
+    """While training, Ctrl-C and SIGTERM (what Slurm and Kubernetes send before preemption)
+    only ask the loop to stop after the current step; a second Ctrl-C stops at once."""
+    requested: dict[str, str] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and "signal" in requested:
+            raise KeyboardInterrupt
+        requested["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _train(config, env)
+        yield requested
     finally:
-        shutdown_distributed(env)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
-    run = _Run(config, env)
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
+        config: LoopConfig, env: DistEnv, info: RunInfo, *, batch_size: int, seq_len: int,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        sample: Callable[[nn.Module, int], str] | None = None) -> dict[str, Any]:
+    """Train ``model`` (placed with :func:`place`) on ``batches`` under ``loss_fn`` until
+    ``config.max_steps`` or the time budget; returns the final figures (also the last line of
+    ``metrics.jsonl``). ``evaluate(model)`` gives validation figures (``val_loss`` ranks the
+    checkpoints); ``sample(model, step)`` a text written to ``samples.txt`` at each
+    evaluation. ``batch_size`` × ``seq_len`` (a micro-batch's shape) count the throughput and,
+    with the model's FLOPs per token, the MFU."""
+    run = RunDir(config.out)
+    state = _State(model, optimizer, batches, config, info)
+    checkpoints = Checkpoints(run, config.keep_last)
     if config.resume:
-        latest = run.checkpoints.latest()
-        if latest is None:
-            raise ConfigError(f"resume: {run.out} has no checkpoint to resume")
-        run.restore(load_checkpoint(latest))
-    _prepare_run_dir(run, config.resume)
-    start_step = run.step
+        _resume(state, checkpoints)
+    _prepare_run_dir(run, state, config, env)
+    with _stop_requests() as stop:
+        return _loop(state, loss_fn, config, env, run, checkpoints, stop, batch_size * seq_len,
+                     state.info.model_config.flops_per_token(seq_len), evaluate, sample)
 
-    sizes = token_bytes(run.tokenizer)
-    validator = Validator(config.data, sizes, config.batch_size, run.seq_len,
-                          config.eval_batches, env.device)
-    baseline = unigram_bpb(config.data, sizes)
-    log = MetricsLog(run.out, config.tensorboard) if env.is_main else None
-    autocast = _autocast(config, env)
+
+def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run: RunDir,
+          checkpoints: Checkpoints, stop: dict[str, str], tokens_per_batch: int,
+          flops_per_token: int, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+          sample: Callable[[nn.Module, int], str] | None) -> dict[str, Any]:
+    start_step = state.step
+    metrics = MetricsLog(run.path, config.tensorboard) if env.is_main else None
+    compiled = torch.compile(state.model) if config.compile else state.model
+    autocast = autocast_for(config, env)
     peak = _peak_flops(config, env)
-    tokens_per_step = config.batch_size * run.seq_len * config.grad_accum * env.world_size
-    flops_per_token = run.model_config.flops_per_token(run.seq_len)
-    eot = run.tokenizer.token_id(ENDOFTEXT)
-    spike_cfg = run.detector.config
+    tokens_per_step = tokens_per_batch * config.grad_accum * env.world_size
+    spike_cfg = state.detector.config
     val: dict[str, float] = {}
 
     def emit(record: dict[str, Any]) -> None:
-        if log is not None:
-            log.write(record)
+        if metrics is not None:
+            metrics.write(record)
 
     bar = progress_bar(config.progress and env.is_main, total=config.max_steps,
-                       initial=run.step, desc="train", unit="step")
+                       initial=state.step, desc="train", unit="step")
     started = time.perf_counter()
     budget = config.time_budget_minutes * 60
     while True:
-        step = run.step
-        lr_scale = spike_cfg.lr_factor if step < run.cooldown_until else 1.0
+        step = state.step
+        lr_scale = spike_cfg.lr_factor if step < state.cooldown_until else 1.0
         lr = lr_at(step, config.lr, config.warmup_steps, config.max_steps,
                    config.min_lr_ratio) * lr_scale
-        for group in run.optimizer.param_groups:
+        for group in state.optimizer.param_groups:
             group["lr"] = lr
 
-        out_of_time = False
-        if budget > 0:  # every rank stops together (no collective when there is no budget)
-            out_of_time = time.perf_counter() - started > budget
+        # Every rank stops at the same step: what each saw is all-reduced (no collective on a
+        # single process, nor for the budget when there is none).
+        out_of_time = budget > 0 and time.perf_counter() - started > budget
+        signalled = bool(stop)
+        if budget > 0:
             out_of_time = all_reduce_mean(float(out_of_time), env) > 0
+        if env.world_size > 1:
+            signalled = all_reduce_mean(float(signalled), env) > 0
+        interrupted = signalled and not out_of_time and step != start_step
         last = step == config.max_steps or out_of_time
-        if step % config.eval_every == 0 or last:
-            val = validator.run(run.compiled, autocast)
-            emit({"step": step, "event": "eval", **val, "unigram_bpb": baseline})
-            if config.sample_tokens:  # every rank: an FSDP forward gathers from all of them
-                g = torch.Generator().manual_seed(config.seed + step)
-                new = sample(unwrap(run.model), run.tokenizer.encode(config.sample_prompt),
-                             config.sample_tokens, generator=g, stop=(eot,))
-                text = config.sample_prompt + run.tokenizer.decode(new)
+        if (step % config.eval_every == 0 or last) and not interrupted:
+            if evaluate is not None:
+                val = evaluate(compiled)
+                emit({"step": step, "event": "eval", **val})
+            if sample is not None:  # every rank: an FSDP forward gathers from all of them
+                text = sample(unwrap(state.model), step)
                 emit({"step": step, "event": "sample", "text": text})
                 if env.is_main:
-                    with open(run.out / "samples.txt", "a", encoding="utf-8") as f:
+                    with open(run.samples, "a", encoding="utf-8") as f:
                         f.write(f"--- step {step}\n{text}\n")
-        if (step % config.save_every == 0 or last) and step != start_step:
-            state = run.state(val.get("val_loss"))
+        if (step % config.save_every == 0 or last or interrupted) and step != start_step:
+            saved = state.state(val.get("val_loss") if not interrupted else None)
             if env.is_main:
-                run.checkpoints.save(state, step, val.get("val_loss"), run.detector.healthy)
+                checkpoints.save(saved, step, saved["val_loss"], state.detector.healthy)
+        if interrupted:
+            bar.close()
+            emit({"step": step, "event": "interrupted", "signal": stop.get("signal", "")})
+            if metrics is not None:
+                metrics.close()
+            raise TrainingInterrupted(
+                f"{stop.get('signal', 'a stop request')}: saved a checkpoint at step {step} in "
+                f"{checkpoints.dir}; continue with the same command and --resume")
         if last:
             break
 
@@ -235,35 +293,31 @@ def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
         # not one per micro-step
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         for micro in range(config.grad_accum):
-            x, y = run.loader.next_batch()
-            data_step = run.loader.step - 1
-            if 0 <= config.inject_spike_at <= data_step < (config.inject_spike_at
-                                                           + config.inject_spike_length):
-                x, y = _corrupt(x, run.tokenizer.vocab_size, data_step)
+            batch = state.batches.next_batch()
             # DDP: all-reduce gradients only on the last micro-step.
-            sync = (run.model.no_sync() if hasattr(run.model, "no_sync")
+            sync = (state.model.no_sync() if hasattr(state.model, "no_sync")
                     and micro < config.grad_accum - 1 else contextlib.nullcontext())
             with sync, autocast:
-                loss = run.compiled(x, y) / config.grad_accum
+                loss = loss_fn(compiled, batch) / config.grad_accum
             with sync:
                 loss.backward()
             loss_sum += loss.detach()
         loss_avg = all_reduce_mean(loss_sum.item(), env)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            run.model.parameters(), config.grad_clip or float("inf")).item()
+            state.model.parameters(), config.grad_clip or float("inf")).item()
 
-        verdict = run.detector.check(loss_avg, grad_norm)
+        verdict = state.detector.check(loss_avg, grad_norm)
         if verdict == "ok":
-            run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
         if verdict == "skip":
             emit({"step": step, "event": "skip", "loss": loss_avg, "grad_norm": grad_norm})
         elif verdict == "rollback":
-            _roll_back(run, step, emit)
-            bar.n = run.step
+            _roll_back(state, checkpoints, step, emit)
+            bar.n = state.step
             continue
 
-        run.step += 1
+        state.step += 1
         dt = time.perf_counter() - t0
         tps = tokens_per_step / dt
         record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
@@ -276,35 +330,43 @@ def _train(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
     bar.close()
-    summary = {"step": run.step, **val, "unigram_bpb": baseline,
-               "params": run.model_config.num_params(), "rollbacks": run.rollbacks,
-               "stopped_by_time_budget": run.step < config.max_steps}
-    emit({"step": run.step, "event": "done", **summary})
-    if log is not None:
-        log.close()
-        plot_loss_curve(run.out, baseline)
+    summary = {"step": state.step, **val, "params": state.info.model_config.num_params(),
+               "rollbacks": state.rollbacks,
+               "stopped_by_time_budget": state.step < config.max_steps}
+    emit({"step": state.step, "event": "done", **summary})
+    if metrics is not None:
+        metrics.close()
+        plot_loss_curve(run.path, val.get("unigram_bpb"))
     return summary
 
 
-def _roll_back(run: _Run, step: int, emit: Any) -> None:
-    """Restore the latest clean checkpoint, skip the data read since, lower the LR a while."""
-    cfg = run.detector.config
-    if run.rollbacks >= cfg.max_rollbacks:
+def _roll_back(state: _State, checkpoints: Checkpoints, step: int,
+               emit: Callable[[dict[str, Any]], None]) -> None:
+    """Restore the latest clean checkpoint, skip the data read since, lower the LR a while.
+
+    Without a clean checkpoint yet (early in a run), the weights stay as they are — the
+    outlier steps were skipped, so they are the last good ones — and only the LR is lowered."""
+    cfg = state.detector.config
+    if state.rollbacks >= cfg.max_rollbacks:
         raise TrainingError(f"loss spikes persisted through {cfg.max_rollbacks} rollbacks "
                             f"(step {step}); lower the learning rate or inspect the data near "
-                            f"data step {run.loader.step}")
-    target = run.checkpoints.latest(clean_only=True)
-    if target is None:
-        raise TrainingError(f"sustained loss spike at step {step} and no clean checkpoint to "
-                            "roll back to; save checkpoints more often (--save-every)")
-    data_position = run.loader.step
-    rollbacks = run.rollbacks + 1
-    run.restore(load_checkpoint(target))
-    skipped = data_position - run.loader.step
-    run.loader.step = data_position  # the batches since the checkpoint are not seen again
-    run.rollbacks = rollbacks
-    run.cooldown_until = run.step + cfg.cooldown_steps
-    emit({"step": step, "event": "rollback", "to_step": run.step, "checkpoint": target.name,
+                            f"data step {state.batches.step}")
+    target = checkpoints.latest(clean_only=True)
+    data_position = state.batches.step
+    rollbacks = state.rollbacks + 1
+    if target is not None:
+        state.restore(load_checkpoint(target))
+    else:
+        state.detector.consecutive = 0
+    skipped = data_position - state.batches.step
+    state.batches.step = data_position  # the batches since the checkpoint are not seen again
+    state.rollbacks = rollbacks
+    state.cooldown_until = state.step + cfg.cooldown_steps
+    emit({"step": step, "event": "rollback",
+          "to_step": state.step, "checkpoint": target.name if target else None,
           "skipped_batches": skipped, "lr_factor": cfg.lr_factor,
-          "until_step": run.cooldown_until})
-
+          "until_step": state.cooldown_until})
+    if target is None:
+        log.warning("loss spike at step %d and no clean checkpoint yet: kept the weights from "
+                    "before it (its steps were skipped) and lowered the learning rate ×%g for "
+                    "%d steps", step, cfg.lr_factor, cfg.cooldown_steps)

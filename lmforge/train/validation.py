@@ -7,6 +7,7 @@ for text (special tokens such as ``<|endoftext|>`` count 0 bytes and are left ou
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -19,7 +20,10 @@ from torch import nn
 from lmforge.data.loader import TokenLoader
 from lmforge.data.manifest import load_manifest
 from lmforge.data.shards import Shard
+from lmforge.errors import InputError
 from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def token_bytes(tok: Tokenizer) -> np.ndarray:
@@ -32,13 +36,26 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
 
 
 class Validator:
-    """Fixed validation batches (the same ones every time), evaluated without gradients."""
+    """Fixed validation batches (the same ones every time), evaluated without gradients.
+
+    A validation split smaller than one batch is still used: in fewer or shorter sequences (with
+    a one-line note); only an empty split is refused."""
 
     def __init__(self, data_dir: str | Path, sizes: np.ndarray, batch_size: int, seq_len: int,
                  batches: int, device: torch.device) -> None:
-        self.loader = TokenLoader(data_dir, "val", batch_size, seq_len, mode="sequential",
+        tokens = sum(len(s) for s in _split_shards(Path(data_dir), "val"))
+        if tokens < 2:
+            raise InputError(f"{data_dir}: the validation split is empty; prepare the data "
+                             "with a larger --val-fraction so that some documents are held out")
+        fit_seq = min(seq_len, tokens - 1)
+        fit_batch = min(batch_size, (tokens - 1) // fit_seq)
+        if (fit_batch, fit_seq) != (batch_size, seq_len):
+            log.warning("%s: the validation split has only %d tokens: evaluating on one batch "
+                        "of %d×%d instead of %d×%d", data_dir, tokens, fit_batch, fit_seq,
+                        batch_size, seq_len)
+        self.loader = TokenLoader(data_dir, "val", fit_batch, fit_seq, mode="sequential",
                                   device=device)
-        self.batches = min(batches, self.loader.num_windows // batch_size)
+        self.batches = min(batches, self.loader.num_windows // fit_batch)
         self.sizes = torch.as_tensor(sizes, device=device)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Sampling through ``model.forward``: the whole context is recomputed for every token.
+"""Samples during training, through ``model.forward``: the whole context is recomputed for every
+token.
 
 Slow next to the KV-cache engine (:mod:`lmforge.inference`), but it only calls ``model(ids)``, so
 it works on a model wrapped for training — under FSDP only ``forward`` gathers the sharded
@@ -11,25 +12,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.inference import SamplingParams
 from lmforge.inference import sample as choose
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-           top_k: int | None = 50, generator: torch.Generator | None = None,
-           stop: tuple[int, ...] = ()) -> list[int]:
-    """New token ids after ``prompt``, until ``max_new_tokens`` or a ``stop`` id (not returned);
-    the context slides past the model's length. ``generator`` (a CPU generator) supplies the
-    randomness, so sampling never disturbs the global RNG that an exact resume depends on."""
+def forward_sample(model: nn.Module, prompt: list[int], params: SamplingParams,
+                   stop: tuple[int, ...] = (), vocab_size: int | None = None) -> list[int]:
+    """New token ids after ``prompt``, until ``params.max_new_tokens`` or a ``stop`` id (not
+    returned), drawn among ids below ``vocab_size`` (the tokenizer's); the context slides past
+    the model's length. A generator seeded with
+    ``params.seed`` supplies the randomness, so sampling never disturbs the global RNG that an
+    exact resume depends on."""
     context = model.config.context
     device = next(model.parameters()).device
+    generator = params.generator()  # the logits are moved to the CPU to be sampled
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     new: list[int] = []
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
+    for _ in range(params.max_new_tokens):
         logits = model(ids[:, -context:])[:, -1].float().cpu()  # (1, vocab)
-        nxt = int(choose(logits, temperature, top_k, generator=generator)[0])
+        nxt = int(choose(logits, params, generator, vocab_size=vocab_size)[0])
         if nxt in stop:  # the stop token ends the sample and is not part of it
             break
         new.append(nxt)

@@ -1,11 +1,12 @@
-"""Simple sampling: seeded, greedy, stop tokens."""
+"""Samples during training (through model.forward): seeded, greedy, stop tokens."""
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.generate import sample
+from lmforge.inference import SamplingParams
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.sampling import forward_sample
 
 
 def tiny() -> Transformer:
@@ -17,15 +18,15 @@ def tiny() -> Transformer:
 def test_seeded_sampling_repeats_and_leaves_global_rng_alone():
     model = tiny()
     state = torch.get_rng_state()
-    a = sample(model, [1, 2], 10, generator=torch.Generator().manual_seed(3))
-    b = sample(model, [1, 2], 10, generator=torch.Generator().manual_seed(3))
+    a = forward_sample(model, [1, 2], SamplingParams(max_new_tokens=10, seed=3))
+    b = forward_sample(model, [1, 2], SamplingParams(max_new_tokens=10, seed=3))
     assert a == b and len(a) == 10
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_greedy_follows_argmax_beyond_the_context():
     model = tiny()
-    out = sample(model, [1], 20, temperature=0)  # longer than the 16-token context
+    out = forward_sample(model, [1], SamplingParams.greedy(20))  # longer than the context (16)
     ids = [1]
     for _ in range(20):
         ids.append(int(model(torch.tensor([ids[-16:]]))[0, -1].argmax()))
@@ -34,7 +35,7 @@ def test_greedy_follows_argmax_beyond_the_context():
 
 def test_stop_token_ends_the_sample_and_is_not_returned():
     model = tiny()
-    greedy = sample(model, [1], 8, temperature=0)
+    greedy = forward_sample(model, [1], SamplingParams.greedy(8))
     stop = greedy[3]
-    out = sample(model, [1], 8, temperature=0, stop=(stop,))
+    out = forward_sample(model, [1], SamplingParams.greedy(8), stop=(stop,))
     assert out == greedy[: greedy.index(stop)]
