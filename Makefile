@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# Task data at hand (../shared/data beside the repo) adds MMLU/GSM8K/HumanEval to the quickstart.
+TASK_DATA ?= $(wildcard ../shared/data)
+
 quickstart: setup
-	$(BIN)/lmforge quickstart
+	$(BIN)/lmforge quickstart $(if $(TASK_DATA),--task-data $(TASK_DATA))
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -34,12 +34,12 @@ from torch import nn
 
 from lmforge.data.loader import TokenLoader
 from lmforge.data.manifest import load_manifest
+from lmforge.eval.bpb import Validator, token_bytes
 from lmforge.fused_loss import linear_cross_entropy
 from lmforge.hardware import native_bf16
 from lmforge.model import ModelConfig, Transformer, lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.optim import build_optimizer, lr_at
-from lmforge.train.validation import Validator, token_bytes
 
 # ---------------------------------------------------------------- the nanoGPT-style reference
 

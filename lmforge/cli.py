@@ -22,7 +22,7 @@ from lmforge.errors import LmforgeError, TrainingInterrupted
 DESCRIPTION = """Build a language model from scratch, end to end, and own every stage.
 
 stages, in pipeline order:
-  tokenizer train → data prepare → train → generate / chat / quantize / export
+  tokenizer train → data prepare → train → eval → report; generate / chat / quantize / export
   quickstart runs the first three on the built-in offline corpus."""
 EPILOG = """Every stage takes --config FILE (YAML of its fields; flags override it).
 `lmforge STAGE --help` lists a stage's flags. Docs: docs/*.md in the source tree."""
@@ -142,6 +142,22 @@ def _export(fmt: str) -> Callable[[argparse.Namespace], None]:
     return handler
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from lmforge.eval import EvalConfig, evaluate
+    from lmforge.eval.run import table
+
+    report = evaluate(from_args(EvalConfig, args))
+    print(table(report))
+    print(f"written: {report['out']}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from lmforge.report import ReportConfig, write_report
+
+    for path in write_report(from_args(ReportConfig, args)):
+        print(path)
+
+
 def _quantize(args: argparse.Namespace) -> None:
     from lmforge.quantize.stage import QuantizeConfig, quantize
 
@@ -157,6 +173,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     import lmforge
     from lmforge.data.pipeline import DataConfig
+    from lmforge.eval.run import EvalConfig
     from lmforge.export.stage import ExportConfig
     from lmforge.inference.chat import ChatConfig
     from lmforge.inference.stage import GenerateConfig
@@ -230,9 +247,21 @@ def _parser() -> argparse.ArgumentParser:
             ExportConfig)
     command(esub, "gguf", _export("gguf"), "one GGUF file for llama.cpp", ExportConfig)
 
+    command(stages, "eval", _eval,
+            "bpb, MMLU, GSM8K, HumanEval (sandboxed) on any model; eval.json + a table",
+            EvalConfig)
     command(stages, "quantize", _quantize,
             "int8/int4 weight-only quantization (rtn, gptq, awq) with bpb before and after",
             QuantizeConfig)
+    p = command(stages, "report", _report,
+                "write a run's report card: report.md and a self-contained report.html")
+    p.add_argument("run", metavar="RUN_DIR",
+                   help="run directory (`lmforge train --out`), or one holding its run in "
+                        "train/ (runs/quickstart)")
+    p.add_argument("--out", default="", help="directory to write into (default: the run "
+                                             "directory, where the report is regenerated freely)")
+    p.add_argument("--force", action="store_true",
+                   help="replace report.md/report.html in an --out other than the run directory")
     command(stages, "quickstart", _quickstart,
             "the whole pipeline on the built-in offline corpus", QuickstartConfig)
     return parser

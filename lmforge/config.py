@@ -166,8 +166,8 @@ def flag(field: str) -> str:
 
 
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """Defaults < ``--config FILE`` (YAML) < flags. An error about a value given as a flag
-    names the flag as it was typed (``--lr: must be > 0``)."""
+    """Defaults < ``--config FILE`` (YAML) < flags. An error about a field names it as the flag
+    a user types (``--lr: must be > 0``)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     flags = {k: v for k, v in vars(args).items() if k in names}
     yaml_path = getattr(args, "config", None)
@@ -177,7 +177,7 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
     except ConfigError as e:
         message = str(e).removeprefix(f"{FLAGS}: ")
         field = message.split(":", 1)[0]
-        if field in flags:
+        if field in names:
             raise ConfigError(flag(field) + message[len(field):]) from None
         raise
 

@@ -112,10 +112,10 @@ def _open(path: Path) -> Loaded:
 def find_run(path: str | Path) -> RunDir | None:
     """The run directory at ``path``, or in ``path/train`` (the quickstart's layout); None if
     ``path`` holds no run."""
-    for candidate in (RunDir(path), RunDir(Path(path) / "train")):
-        if candidate.exists():
-            return candidate
-    return None
+    candidates = (RunDir(path), RunDir(Path(path) / "train"))
+    # a run with checkpoints first: the quickstart's directory also holds a tokenizer file
+    return (next((c for c in candidates if c.checkpoints.is_dir()), None)
+            or next((c for c in candidates if c.exists()), None))
 
 
 def best_checkpoint(run: RunDir) -> Path:

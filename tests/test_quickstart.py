@@ -28,3 +28,13 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert report["train"]["step"] == 6 and (out / "train" / "loss.png").is_file()
     printed = capsys.readouterr().out
     assert "bytes/token" in printed and "unigram baseline bpb" in printed.splitlines()[-1]
+    assert "no --task-data: benchmarks skipped" in printed
+    evaluation = json.loads((out / "train" / "eval" / "eval.json").read_text())
+    assert evaluation["tasks"]["bpb"]["metrics"]["bpb"] > 0
+    assert (out / "train" / "report.html").is_file() and (out / "train" / "report.md").is_file()
+
+    again = quickstart(QuickstartConfig(out_dir=str(out), corpus=[str(tmp_path / "*.txt")],
+                                        vocab_size=500, val_fraction=0.1, progress=False,
+                                        preset="code", steps=6, batch_size=2, seq_len=32))
+    assert again["data"]["num_tokens"] == report["data"]["num_tokens"]  # reused
+    assert "holds an earlier run: continuing it" in capsys.readouterr().out

@@ -80,7 +80,7 @@ def decode_utf8(data: bytes, where: str, errors: Utf8Errors = "replace", warn: b
         if errors == "strict":
             raise InputError(f"{where}: not valid UTF-8 at byte {e.start} "
                              f"({data[e.start:e.start + 4]!r}…); fix the file or use "
-                             "utf8_errors='replace'") from None
+                             "--utf8-errors replace") from None
         first = e.start
     text, bad = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
     if warn:
@@ -257,7 +257,7 @@ def _hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if len(parts) not in (2, 3) or not all(parts):
         raise InputError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    _require_hub(spec)
+    require_hub(spec)
     try:
         import datasets
     except ImportError:
@@ -272,7 +272,7 @@ def _hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
     records.close()
 
 
-def _require_hub(spec: str, host: str = "huggingface.co", timeout: float = 3.0) -> None:
+def require_hub(spec: str, host: str = "huggingface.co", timeout: float = 3.0) -> None:
     """Fail at once, with the reason, where the hub cannot be reached (instead of long retries)."""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -226,25 +226,32 @@ def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingPara
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
                    params: SamplingParams, *, stop_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None, vocab_size: int | None = None,
+                   finished: Callable[[int, list[int]], bool] | None = None,
                    compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (lengths may differ; they are left-padded), decoded
     together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
-    (clipped so the longest prompt + new tokens fit in the context). Other arguments as in
+    (clipped so the longest prompt + new tokens fit in the context). ``finished(row, ids)``,
+    called after each new token of a row, ends that row when it returns True (a stop string
+    found in its text, say); the batch ends when every row has. Other arguments as in
     :func:`generate`."""
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, params)
     out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    device = model.embed_tokens.weight.device
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = set(stop_ids)
     for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids, generator,
-                                vocab_size, compile):
+                                vocab_size, compile, done):
         for row, token in enumerate(step.tolist()):
-            if not done[row]:
+            if not out[row] or out[row][-1] is not None:  # the row is still going
                 if token in stops:
-                    done[row] = True
+                    out[row].append(None)  # marks the end; dropped below
                 else:
                     out[row].append(token)
-    return out
+                    if finished is not None and finished(row, out[row]):
+                        out[row].append(None)
+                        done[row] = True
+    return [[t for t in row if t is not None] for row in out]
 
 
 def room_for(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
@@ -275,9 +282,10 @@ def _check_inputs(model: Transformer, prompts: list[list[int]], params: Sampling
 @torch.no_grad()
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     params: SamplingParams, stop_ids: Sequence[int],
-                    generator: torch.Generator | None, vocab_size: int | None, compile: bool
-                    ) -> Iterator[Tensor]:
-    """Yield next tokens (B,) per step until every row has hit a stop id or the length cap."""
+                    generator: torch.Generator | None, vocab_size: int | None, compile: bool,
+                    done: Tensor | None = None) -> Iterator[Tensor]:
+    """Yield next tokens (B,) per step until every row has hit a stop id or the length cap;
+    ``done`` (B,) bool, which the caller may set between steps, marks rows already ended."""
     if max_new_tokens == 0:
         return
     longest = max(len(p) for p in prompts)
@@ -292,7 +300,8 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
         cache = KVCache.allocate(model, len(prompts), longest + max_new_tokens - 1)
         logits = prefill(model, cache, ids, positions)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        if done is None:
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
         pos = positions[:, -1]
         generator = generator if generator is not None else params.generator(device)

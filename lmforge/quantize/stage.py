@@ -111,8 +111,8 @@ def apply_method(model: Transformer, calibration: list[Tensor], config: Quantize
 def quantize(config: QuantizeConfig) -> dict[str, Any]:
     """Quantize ``config.checkpoint`` into ``config.out`` and report sizes and bpb before and
     after (a JSON-able dict; see docs/inference.md)."""
+    from lmforge.eval.bpb import Validator, token_bytes
     from lmforge.loading import open_model
-    from lmforge.train.validation import Validator, token_bytes
 
     start = time.perf_counter()
     check_output(config.out, config.force)

@@ -18,6 +18,7 @@ from lmforge.config import to_dict
 from lmforge.data.loader import TokenLoader
 from lmforge.data.manifest import load_manifest
 from lmforge.errors import ConfigError
+from lmforge.eval.bpb import Validator, token_bytes, unigram_bpb
 from lmforge.inference import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
@@ -25,7 +26,6 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import init_distributed, shutdown_distributed
 from lmforge.train.loop import RunInfo, autocast_for, fit, optimizer_for, place
 from lmforge.train.sampling import forward_sample
-from lmforge.train.validation import Validator, token_bytes, unigram_bpb
 from lmforge.vocab import check_vocab, padded_vocab
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Validation loss and bits per byte, and the unigram baseline a model must beat.
+"""Bits per byte: the validation figures training logs, the unigram baseline a model must beat,
+and the ``bpb`` evaluation task on any text.
 
 Bits per byte (bpb) normalizes the loss by the text it covers, so models with different
 tokenizers compare: bpb = Σ loss_nats / (ln 2 · Σ bytes), summed over target tokens that stand
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +23,11 @@ from torch import nn
 from lmforge.data.loader import TokenLoader
 from lmforge.data.manifest import load_manifest
 from lmforge.data.shards import Shard
+from lmforge.data.sources import ReadOptions, documents
 from lmforge.errors import InputError
-from lmforge.tokenizer import Tokenizer
+from lmforge.eval.scoring import rolling_logprobs
+from lmforge.eval.task import Env, Example, Prediction
+from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +102,67 @@ def unigram_bpb(data_dir: str | Path, sizes: np.ndarray) -> float:
     val = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     val = val[sizes[val] > 0]
     return float(-log2p[val].sum() / sizes[val].sum())
+
+
+# ------------------------------------------------------------------------------- the bpb task
+
+
+@dataclass
+class BitsPerByte:
+    """bpb and perplexity of a model on text: files, globs or JSONL (any input SPEC of
+    :mod:`lmforge.data.sources`, one document per file or record) or a prepared data directory
+    (its validation shards, each one token stream). A document is read after an
+    ``<|endoftext|>`` token, in rolling windows (:func:`~lmforge.eval.scoring.rolling_logprobs`):
+    every token is predicted once. Bytes are those of the text (UTF-8), special tokens excluded."""
+
+    inputs: list[str]
+    field: str = "text"
+    name: str = "bpb"
+    chance: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "field": self.field}
+
+    def examples(self) -> list[Example]:
+        out: list[Example] = []
+        for spec in self.inputs:
+            if Path(spec, "manifest.json").is_file():  # one example per validation shard
+                out += [{"id": f"{spec}/{shard.path.name}", "shard": str(shard.path)}
+                        for shard in _split_shards(Path(spec), "val")]
+            else:
+                out += [{"id": doc.name, "text": doc.text}
+                        for doc in documents(spec, ReadOptions(field=self.field))]
+        if not out:
+            raise InputError(f"bpb: no documents in {', '.join(self.inputs)}")
+        return out
+
+    def run(self, env: Env, examples: list[Example]) -> list[Prediction]:
+        tok = env.tokenizer
+        eot = tok.special_tokens.get(ENDOFTEXT)
+        sizes = torch.as_tensor(token_bytes(tok))
+        out = []
+        for ex in examples:
+            if "shard" in ex:  # a token stream whose documents end in <|endoftext|>
+                ids = np.asarray(Shard(Path(ex["shard"])).tokens, dtype=np.int64).tolist()
+            else:
+                ids = tok.encode(ex["text"])
+                ids = ids if eot is None else [eot, *ids]
+            if len(ids) < 2:
+                continue
+            logp = rolling_logprobs(env.model, ids).cpu()
+            nbytes = sizes[torch.as_tensor(ids[1:])]
+            text = nbytes > 0
+            out.append({"id": ex["id"], "tokens": len(ids) - 1,
+                        "nats": float(-logp.sum()), "text_nats": float(-logp[text].sum()),
+                        "bytes": int(nbytes.sum())})
+            if env.progress:
+                env.progress(1)
+        return out
+
+    def metrics(self, predictions: list[Prediction]) -> dict[str, Any]:
+        tokens = sum(p["tokens"] for p in predictions)
+        nbytes = sum(p["bytes"] for p in predictions)
+        nats = sum(p["nats"] for p in predictions)
+        return {"bpb": sum(p["text_nats"] for p in predictions) / (math.log(2) * max(nbytes, 1)),
+                "perplexity": math.exp(nats / max(tokens, 1)), "tokens": tokens,
+                "bytes": nbytes, "n": len(predictions)}
