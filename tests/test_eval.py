@@ -47,6 +47,7 @@ def test_shared_prefix_scores_equal_full_recomputation():
     requests = [(prefix + [g.randrange(97) for _ in range(g.randint(1, 9))],
                  [g.randrange(97) for _ in range(g.randint(1, 4))]) for _ in range(11)]
     requests.append(([5, 6], [7]))  # shares nothing with the rest
+    requests += [(requests[0][0], [t]) for t in (1, 2, 3)]  # one context, one-token answers
     got = score_requests(model, requests, batch_size=4)
     for (ctx, cont), score in zip(requests, got, strict=True):
         logprob, greedy = _full_logprob(model, ctx, cont)
@@ -278,3 +279,33 @@ def test_eval_writes_every_prediction_and_resumes(trained_run, task_data, tmp_pa
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "mmlu" in printed and "acc" in printed and "0.25" in printed
+
+
+def test_chat_variants_prompt_in_the_chat_template(task_data, tokenizer):
+    from lmforge.tokenizer import Message, render_chat
+
+    class Recording(Env):
+        def score(self, requests):
+            self.requests = list(requests)
+            return super().score(requests)
+
+        def generate(self, prompts, params, until):
+            self.prompts, self.until = prompts, until
+            return ["#### 1"] * len(prompts)
+
+    env = Recording(tiny_model(vocab_size=tokenizer.vocab_size, context=512), tokenizer)
+    mmlu = MMLU(str(task_data), shots=1, chat=True)
+    example = mmlu.examples()[0]
+    prediction = mmlu.run(env, [example])[0]
+    context = render_chat(tokenizer, [Message("user", example["context"])])
+    assert [r[0] for r in env.requests] == [context] * 4  # ends with the assistant marker
+    assert [r[1] for r in env.requests] == [tokenizer.encode(x) for x in "ABCD"]
+    assert len(prediction["logprobs"]) == 4
+    gsm = GSM8K(str(task_data), shots=1, chat=True)
+    example = gsm.examples()[0]
+    gsm.run(env, [example])
+    (q, a), = example["shots"]
+    assert env.prompts == [render_chat(tokenizer, [
+        Message("user", f"Question: {q}"), Message("assistant", a),
+        Message("user", f"Question: {example['question']}")])]
+    assert "<|end|>" in env.until

@@ -106,12 +106,16 @@ def unigram_bpb(data_dir: str | Path, sizes: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------- the bpb task
 
+STREAM_PIECE = 1 << 16  # predicted tokens per example of a prepared token stream
+
 
 @dataclass
 class BitsPerByte:
     """bpb and perplexity of a model on text: files, globs or JSONL (any input SPEC of
     :mod:`lmforge.data.sources`, one document per file or record) or a prepared data directory
-    (its validation shards, each one token stream). A document is read after an
+    (its validation shards, each one token stream, read in pieces of ``STREAM_PIECE`` predicted
+    tokens — a multiple of every power-of-two context, so the windows are those of the whole
+    stream). A document is read after an
     ``<|endoftext|>`` token, in rolling windows (:func:`~lmforge.eval.scoring.rolling_logprobs`):
     every token is predicted once. Bytes are those of the text (UTF-8), special tokens excluded."""
 
@@ -126,9 +130,11 @@ class BitsPerByte:
     def examples(self) -> list[Example]:
         out: list[Example] = []
         for spec in self.inputs:
-            if Path(spec, "manifest.json").is_file():  # one example per validation shard
-                out += [{"id": f"{spec}/{shard.path.name}", "shard": str(shard.path)}
-                        for shard in _split_shards(Path(spec), "val")]
+            if Path(spec, "manifest.json").is_file():  # validation shards, in pieces
+                for shard in _split_shards(Path(spec), "val"):
+                    out += [{"id": f"{spec}/{shard.path.name}@{a}", "shard": str(shard.path),
+                             "start": a, "end": min(len(shard), a + STREAM_PIECE + 1)}
+                            for a in range(0, len(shard) - 1, STREAM_PIECE)]
             else:
                 out += [{"id": doc.name, "text": doc.text}
                         for doc in documents(spec, ReadOptions(field=self.field))]
@@ -143,7 +149,8 @@ class BitsPerByte:
         out = []
         for ex in examples:
             if "shard" in ex:  # a token stream whose documents end in <|endoftext|>
-                ids = np.asarray(Shard(Path(ex["shard"])).tokens, dtype=np.int64).tolist()
+                tokens = Shard(Path(ex["shard"])).tokens[ex["start"]:ex["end"]]
+                ids = np.asarray(tokens, dtype=np.int64).tolist()
             else:
                 ids = tok.encode(ex["text"])
                 ids = ids if eot is None else [eot, *ids]
