@@ -146,8 +146,19 @@ def _eval(args: argparse.Namespace) -> None:
     from lmforge.eval import EvalConfig, evaluate
     from lmforge.eval.run import table
 
-    report = evaluate(from_args(EvalConfig, args))
-    print(table(report))
+    config = from_args(EvalConfig, args)
+    if config.harness:
+        from lmforge.eval import harness  # ConfigError (one line) without lm-eval
+
+        report = harness.run_harness(
+            config.checkpoint, config.harness, limit=config.limit, num_fewshot=config.shots,
+            include_path=config.include_path, task_data=config.task_data,
+            batch_size=config.batch_size, device=config.device, dtype=config.dtype,
+            out=config.out)
+        print(harness.table(report))
+    else:
+        report = evaluate(config)
+        print(table(report))
     print(f"written: {report['out']}")
 
 

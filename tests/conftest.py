@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,13 +41,19 @@ def synthetic_documents(n: int, seed: int = 0) -> list[str]:
 
 def prepare_tiny_data(root: Path, n_docs: int, seed: int, val_fraction: float) -> Path:
     """A prepared data directory ``root/data`` of synthetic documents, with its 320-id tokenizer
-    at ``root/tok.json``."""
+    at ``root/tok.json``. The corpus is read by a relative path, so that the documents' names —
+    which the train/validation split hashes — do not depend on the temporary directory."""
     docs = synthetic_documents(n_docs, seed=seed)
     Tokenizer.train(docs, 320, workers=1, show_progress=False).save(root / "tok.json")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    prepare(DataConfig(input=[str(root / "corpus.jsonl")], tokenizer=str(root / "tok.json"),
-                       out=str(root / "data"), preset="code", val_fraction=val_fraction,
-                       workers=1, progress=False, dedup={"near": False}))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare(DataConfig(input=["corpus.jsonl"], tokenizer=str(root / "tok.json"),
+                           out=str(root / "data"), preset="code", val_fraction=val_fraction,
+                           workers=1, progress=False, dedup={"near": False}))
+    finally:
+        os.chdir(cwd)
     return root / "data"
 
 

@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -25,6 +25,9 @@ from lmforge.eval.task import Env, Prediction, Task
 from lmforge.files import atomic_write_text
 from lmforge.hardware import resolve_device
 from lmforge.progress import progress_bar
+
+if TYPE_CHECKING:
+    from lmforge.loading import Loaded
 
 TASKS = ("bpb", "mmlu", "gsm8k", "humaneval")
 CHUNK = {"bpb": 8, "mmlu": 128, "gsm8k": 32, "humaneval": 16}  # examples per saved chunk
@@ -37,6 +40,10 @@ class EvalConfig:
     checkpoint: str = option("", "the model: run directory, checkpoint file, quantized file or "
                                  "Hugging Face directory")
     tasks: list[str] = option(["bpb"], f"tasks to run: {', '.join(TASKS)}")
+    harness: list[str] = option([], "lm-evaluation-harness tasks to run instead, on lmforge's "
+                                    "engine (e.g. mmlu gsm8k; mmlu_local gsm8k_local read "
+                                    "--task-data); needs pip install 'lmforge[eval]'")
+    include_path: str = option("", "harness: a directory of more lm-eval task YAMLs")
     task_data: str = option("", "MMLU/GSM8K/HumanEval data: a directory in the layout of "
                                 "../shared/data (or of the hub's Parquet files), or `hub`")
     data: list[str] = option([], "bpb: text files, globs, JSONL or a prepared data directory "
@@ -124,6 +131,11 @@ def _partial(path: Path, header: dict[str, Any], force: bool) -> list[Prediction
     return done
 
 
+def default_out(loaded: Loaded) -> Path:
+    """Where results go unless ``--out`` says: ``RUN/eval``, else ``eval/`` beside the model."""
+    return loaded.run.path / "eval" if loaded.run is not None else loaded.source.parent / "eval"
+
+
 def _model_id(source: Path) -> dict[str, Any]:
     """What identifies the model a partial result belongs to."""
     files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
@@ -139,8 +151,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     loaded = open_model(config.checkpoint, resolve_device(config.device), config.dtype)
     run_data = loaded.run.data_dir() if loaded.run is not None else None
     tasks = build_tasks(config, run_data)
-    out = Path(config.out) if config.out else (
-        loaded.run.path / "eval" if loaded.run is not None else loaded.source.parent / "eval")
+    out = Path(config.out) if config.out else default_out(loaded)
     (out / "partial").mkdir(parents=True, exist_ok=True)
     env = Env(loaded.model, loaded.tokenizer, config.batch_size)
     model_id = _model_id(loaded.source)
