@@ -27,6 +27,7 @@ from lmforge.eval.run import table
 from lmforge.files import atomic_write_text
 from lmforge.inference import SamplingParams, generate
 from lmforge.report import ReportConfig, write_report
+from lmforge.rundir import RunDir
 from lmforge.tokenizer import ENDOFTEXT
 from lmforge.tokenizer.stage import (
     TokenizerTrainConfig,
@@ -125,7 +126,7 @@ def quickstart(config: QuickstartConfig) -> dict:
           f"documents; val: {splits.get('val', {}).get('tokens', 0):,} tokens "
           f"({len(manifest['shards'])} shards, {manifest['dtype']})")
 
-    resume = (out / "train" / "checkpoints").exists()
+    resume = RunDir(out / "train").checkpoints.exists()
     print(f"[4/6] pretraining {config.model} for {config.steps} steps "
           f"(time budget {config.time_budget_minutes:g} min)")
     if resume:

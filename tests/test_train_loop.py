@@ -176,3 +176,10 @@ def test_progress_is_plain_lines_when_not_a_terminal(capsys) -> None:
     assert "\r" not in err
     lines = err.splitlines()
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("work: 100%")
+
+
+def test_training_progress_in_a_log_is_a_few_plain_lines(data_dir, tmp_path, capsys) -> None:
+    train(_loop_config(data_dir, tmp_path / "run", progress=True, log_every=1))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train:")]
+    assert "\r" not in err and 1 <= len(lines) <= 3, lines  # not one line per step

@@ -328,7 +328,8 @@ def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run:
         bar.update(1)
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}),
+                            refresh=False)  # shown at the next redraw: lines stay throttled
     bar.close()
     summary = {"step": state.step, **val, "params": state.info.model_config.num_params(),
                "rollbacks": state.rollbacks,

@@ -8,6 +8,7 @@ from typing import Any
 
 from lmforge.errors import ConfigError
 from lmforge.files import atomic_path
+from lmforge.rundir import RunDir
 
 
 class MetricsLog:
@@ -15,7 +16,7 @@ class MetricsLog:
     ``tokens_per_s``; events carry ``event`` (``skip``, ``rollback``, ``eval``, …)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:
@@ -53,7 +54,7 @@ def plot_loss_curve(run_dir: Path, baseline_bpb: float | None = None) -> Path | 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunDir(run_dir).metrics)
     steps = [r for r in records if "loss" in r and "event" not in r]
     evals = [r for r in records if r.get("event") == "eval"]
     events = [r for r in records if r.get("event") in ("skip", "rollback")]
@@ -72,7 +73,7 @@ def plot_loss_curve(run_dir: Path, baseline_bpb: float | None = None) -> Path | 
     ax2.set_title("validation")
     ax2.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
+    out = RunDir(run_dir).loss_plot
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
