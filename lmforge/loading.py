@@ -72,6 +72,9 @@ def open_model(path: str | Path, device: str | torch.device = "cpu",
     files: the dtype they were evaluated in)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not str(path):  # Path("") would read as ".", the current directory
+        raise ConfigError("checkpoint: required: a run directory, checkpoint file, quantized "
+                          "model file or Hugging Face model directory")
     loaded = _open(Path(path))
     loaded.model = loaded.model.to(device).eval()
     if dtype is not None:
@@ -82,9 +85,6 @@ def open_model(path: str | Path, device: str | torch.device = "cpu",
 def _open(path: Path) -> Loaded:
     from lmforge.quantize.io import open_quantized, quantized_metadata
 
-    if not str(path) or str(path) == ".":
-        raise ConfigError("checkpoint: required: a run directory, checkpoint file, quantized "
-                          "model file or Hugging Face model directory")
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint file, run directory, quantized model file "
                          "or Hugging Face model directory")

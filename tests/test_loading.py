@@ -138,3 +138,10 @@ def test_export_refuses_to_overwrite_without_force(trained_run: Path, tmp_path: 
     assert json.loads((out / "config.json").read_text()) == {"mine": True}
     assert main([*args, "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_the_current_directory_is_a_path_like_any_other(trained_run: Path, monkeypatch) -> None:
+    monkeypatch.chdir(trained_run)
+    assert lmforge.load(".").kind == "run"
+    with pytest.raises(ConfigError, match="checkpoint: required"):
+        lmforge.load("")

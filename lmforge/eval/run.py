@@ -11,15 +11,13 @@ the text and the extracted answer), to audit and diff against other harnesses.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from lmforge.config import check_at_least, option
+from lmforge.environment import describe_machine
 from lmforge.errors import ConfigError, InputError
 from lmforge.eval.task import Env, Prediction, Task
 from lmforge.files import atomic_write_text
@@ -186,21 +184,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     report = {"model": {"source": str(loaded.source), "kind": loaded.kind,
                         "dtype": loaded.dtype, "quantization": loaded.quantization},
               "tasks": results, "seconds": round(time.perf_counter() - started, 2),
-              "environment": environment()}
+              "environment": describe_machine()}
     atomic_write_text(out / "eval.json", json.dumps(report, indent=1))
     report["out"] = str(out / "eval.json")
     return report
-
-
-def environment() -> dict[str, Any]:
-    """Where the figures were measured."""
-    import lmforge
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "lmforge": lmforge.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def table(report: dict[str, Any]) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import lmforge
+from lmforge.environment import describe_machine
 from lmforge.errors import InputError
-from lmforge.report.machine import machine_rows
 from lmforge.report.render import Block, Code, Figure, Section, Table
 from lmforge.rundir import RunDir
 from lmforge.train.metrics import read_metrics
@@ -358,7 +358,8 @@ def timings(rec: RunRecords) -> Section:
 
 
 def environment(rec: RunRecords) -> Section:
-    blocks: list[Block] = [Table(["item", "value"], machine_rows(),
+    rows = [list(item) for item in describe_machine().items()]
+    blocks: list[Block] = [Table(["item", "value"], rows,
                                  "where this report was generated")]
     evaluated_on = (rec.evaluation or {}).get("environment")
     if isinstance(evaluated_on, dict) and evaluated_on:

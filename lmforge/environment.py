@@ -1,4 +1,6 @@
-"""The machine and software a report was made with: CPU, accelerator, memory, versions."""
+"""The machine and software a figure was measured with: CPU, accelerator, memory, versions.
+
+One description for every place that records it: ``eval.json`` and the report card."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def memory_gib() -> float | None:
         return None
 
 
-def machine_rows() -> list[list[str]]:
-    """``[name, value]`` rows: hardware, then the versions that shape results."""
+def describe_machine() -> dict[str, str]:
+    """Hardware, then the versions that shape results, as ``{item: value}``."""
     import numpy
     import torch
 
@@ -36,8 +38,9 @@ def machine_rows() -> list[list[str]]:
     ram = memory_gib()
     cuda = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
             if torch.cuda.is_available() else "none")
-    return [["CPU", cpu_model()], ["CPU cores", str(os.cpu_count() or "unknown")],
-            ["memory", f"{ram:.1f} GiB" if ram is not None else "unknown"],
-            ["CUDA devices", cuda], ["platform", platform.platform()],
-            ["python", platform.python_version()], ["torch", torch.__version__],
-            ["numpy", numpy.__version__], ["lmforge", lmforge.__version__]]
+    return {"CPU": cpu_model(), "CPU cores": str(os.cpu_count() or "unknown"),
+            "torch threads": str(torch.get_num_threads()),
+            "memory": f"{ram:.1f} GiB" if ram is not None else "unknown",
+            "CUDA devices": cuda, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "lmforge": lmforge.__version__}
