@@ -237,21 +237,22 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, params)
     out: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
     device = model.embed_tokens.weight.device
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # tells the steps
     stops = set(stop_ids)
     for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids, generator,
                                 vocab_size, compile, done):
         for row, token in enumerate(step.tolist()):
-            if not out[row] or out[row][-1] is not None:  # the row is still going
-                if token in stops:
-                    out[row].append(None)  # marks the end; dropped below
-                else:
-                    out[row].append(token)
-                    if finished is not None and finished(row, out[row]):
-                        out[row].append(None)
-                        done[row] = True
-    return [[t for t in row if t is not None] for row in out]
+            if ended[row]:
+                continue
+            if token in stops:
+                ended[row] = True
+                continue
+            out[row].append(token)
+            if finished is not None and finished(row, out[row]):
+                ended[row] = done[row] = True
+    return out
 
 
 def room_for(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
