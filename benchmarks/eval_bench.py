@@ -85,7 +85,7 @@ def train_small(task_data: Path, work: Path, steps: int) -> Path:
                        out=str(work / "data"), preset="prose", val_fraction=0.05, workers=2,
                        progress=False))
     train(TrainConfig(data=str(work / "data"), out=str(work / "run"), preset="tiny-cpu",
-                      model={"context": 1024}, batch_size=8, seq_len=256,
+                      model={"context": 1024}, batch_size=4, seq_len=1024, lr=1e-3,
                       max_steps=steps, warmup_steps=steps // 10, eval_every=steps,
                       save_every=steps, eval_batches=2, sample_tokens=0, progress=False))
     return work / "run"
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="both sides")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="GSM8K generation (lm-eval's default; halved context if longer)")
-    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up")
     parser.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k"])
     parser.add_argument("--threads", type=int, default=0,

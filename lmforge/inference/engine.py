@@ -61,6 +61,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (indices, in the new order): finished rows leave
+        the batch, so later steps neither read nor compute them."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
 
 # -------------------------------------------------------------------------------------- forward
 
@@ -76,8 +83,13 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
         raise InputError(f"KV cache overflow: {cache.length + T} tokens do not fit in "
                          f"{cache.max_len} slots")
     slots = torch.arange(cache.length, cache.length + T, device=ids.device)
-    step = _compiled_forward() if compiled else _forward
-    logits = step(model, cache.k, cache.v, cache.valid, ids, positions, slots)
+    if compiled:
+        logits = _compiled_forward()(model, cache.k, cache.v, cache.valid, ids, positions, slots)
+    else:  # eager: attend over the filled slots only, not the whole allocation
+        end = cache.length + T
+        logits = _forward(model, [k[:, :, :end] for k in cache.k],
+                          [v[:, :, :end] for v in cache.v], cache.valid[:, :end], ids,
+                          positions, slots)
     cache.length += T
     return logits
 
@@ -85,8 +97,9 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
 def _forward(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor], valid: Tensor,
              ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
     """:func:`forward_cached` on tensors only: the slots arrive as a tensor and attention
-    always spans the whole cache (masked), so every decode step has the same shapes and no
-    Python value that changes from step to step — which lets ``torch.compile`` capture it once.
+    spans the cache tensors given (masked) — under ``torch.compile`` the whole allocation, so
+    every decode step has the same shapes and no Python value that changes from step to step,
+    which lets it capture the step once.
     """
     valid.index_copy_(1, slots, positions >= 0)
     # Query i (at slots[i]) sees earlier-or-same slots that hold real tokens. A padding query
@@ -96,31 +109,43 @@ def _forward(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor],
     query_slots = slots[:, None]  # (T, 1)
     mask = (cache_slots <= query_slots) & valid[:, None, :]  # (B, T, L)
     mask = (mask | (cache_slots == query_slots))[:, None]  # (B, 1, T, L)
+    # additive form, built once for every layer: measured faster than a boolean mask on CPU
+    bias = torch.zeros(mask.shape, dtype=model.embed_tokens.weight.dtype,
+                       device=ids.device).masked_fill_(~mask, float("-inf"))
 
     rope = positions.clamp(min=0)
     cos = model.rope_cos[rope][:, None]  # (B, 1, T, head_dim)
     sin = model.rope_sin[rope][:, None]
     x = model.embed_tokens(ids)  # (B, T, d_model)
     for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches, strict=True):
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias,
                            k_cache, v_cache, slots)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(model.norm(x))
 
 
-def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
-               v_cache: Tensor, slots: Tensor) -> Tensor:
-    """The model's Attention block, with keys/values written to and read from the cache."""
+def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor,
+               k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
+    """The model's Attention block, with keys/values written to and read from the cache;
+    ``bias`` (B, 1, T, L) is the additive mask (0 or -inf) over the cache slots."""
     B, T, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    G = H // KV  # query heads per kv head
     q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, n_heads, T, head_dim)
     k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
     v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache.index_copy_(2, slots, k)
     v_cache.index_copy_(2, slots, v)
-    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
-                                       enable_gqa=KV != H)  # (B, n_heads, T, head_dim)
+    if G > 1 and T == 1:
+        # Decoding with grouped queries: the G query heads of a kv head become G rows of one
+        # attention against that head's keys, so the cache is read once per kv head and never
+        # expanded (measured on CPU: 0.70 ms against 1.06 ms with enable_gqa).
+        y = F.scaled_dot_product_attention(q.view(B, KV, G, D), k_cache, v_cache,
+                                           attn_mask=bias).view(B, H, T, D)
+    else:
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias,
+                                           enable_gqa=G > 1)  # (B, n_heads, T, head_dim)
     y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d_model)
     return attn.o_proj(y)
 
@@ -286,7 +311,9 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
                     generator: torch.Generator | None, vocab_size: int | None, compile: bool,
                     done: Tensor | None = None) -> Iterator[Tensor]:
     """Yield next tokens (B,) per step until every row has hit a stop id or the length cap;
-    ``done`` (B,) bool, which the caller may set between steps, marks rows already ended."""
+    ``done`` (B,) bool, which the caller may set between steps, marks rows already ended. An
+    ended row leaves the running batch (its cache rows are dropped, so the remaining rows
+    decode faster); its entry in later steps is -1."""
     if max_new_tokens == 0:
         return
     longest = max(len(p) for p in prompts)
@@ -303,16 +330,23 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         if done is None:
             done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        active = torch.arange(len(prompts), device=device)  # batch rows still decoding
         generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
         pos = positions[:, -1]
         generator = generator if generator is not None else params.generator(device)
         for step in range(max_new_tokens):
             token = sample(logits, params, generator, generated[:, :step], vocab_size)
-            yield token
-            done |= torch.isin(token, stops)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            yield torch.full_like(done, -1, dtype=torch.long).index_copy_(0, active, token)
+            done[active] |= torch.isin(token, stops)
+            running = ~done[active]  # (A,) among the active rows
+            if step == max_new_tokens - 1 or not bool(running.any()):
                 return
             generated[:, step] = token
+            if not bool(running.all()) and not compile:  # a compiled step keeps its shapes
+                keep = running.nonzero()[:, 0]
+                active, token, pos = active[keep], token[keep], pos[keep]
+                generated = generated[keep]
+                cache.keep_rows(keep)
             pos = pos + 1
             logits = decode_one_token(model, cache, token[:, None], pos, compile)
     finally:
