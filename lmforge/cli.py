@@ -22,7 +22,8 @@ from lmforge.errors import LmforgeError, TrainingInterrupted
 DESCRIPTION = """Build a language model from scratch, end to end, and own every stage.
 
 stages, in pipeline order:
-  tokenizer train → data prepare → train → eval → report; generate / chat / quantize / export
+  tokenizer train → data prepare → train → finetune (sft, dpo, grpo) → eval → report;
+  generate / chat / quantize / export
   quickstart runs the first three on the built-in offline corpus."""
 EPILOG = """Every stage takes --config FILE (YAML of its fields; flags override it).
 `lmforge STAGE --help` lists a stage's flags. Docs: docs/*.md in the source tree."""
@@ -117,6 +118,18 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def _finetune(method: str) -> Callable[[argparse.Namespace], None]:
+    def handler(args: argparse.Namespace) -> None:
+        from lmforge.finetune import stage
+
+        config_class, run = stage.METHODS[method]
+        summary = run(from_args(config_class, args))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+            print(json.dumps(summary, indent=2))
+
+    return handler
+
+
 def _generate(args: argparse.Namespace) -> None:
     from lmforge.inference.stage import GenerateConfig, generate_samples
 
@@ -186,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     from lmforge.data.pipeline import DataConfig
     from lmforge.eval.run import EvalConfig
     from lmforge.export.stage import ExportConfig
+    from lmforge.finetune.config import DPOConfig, GRPOConfig, SFTConfig
     from lmforge.inference.chat import ChatConfig
     from lmforge.inference.stage import GenerateConfig
     from lmforge.quantize.stage import QuantizeConfig
@@ -248,6 +262,15 @@ def _parser() -> argparse.ArgumentParser:
 
     command(stages, "train", _train, "pretrain a model on prepared data (also under torchrun)",
             TrainConfig)
+    finetune = stages.add_parser("finetune", help="adapt a model: SFT, DPO, GRPO (full or LoRA)")
+    fsub = finetune.add_subparsers(dest="command", required=True, metavar="METHOD")
+    command(fsub, "sft", _finetune("sft"),
+            "supervised fine-tuning on conversations, loss on the assistant's tokens only",
+            SFTConfig)
+    command(fsub, "dpo", _finetune("dpo"), "direct preference optimization on chosen/rejected "
+            "pairs", DPOConfig)
+    command(fsub, "grpo", _finetune("grpo"), "RL with a verifiable reward (GSM8K answers): "
+            "group-relative policy gradient", GRPOConfig)
     command(stages, "generate", _generate, "sample text from a model, streamed", GenerateConfig)
     command(stages, "chat", _chat,
             "talk to a model in the chat format (standard input; /reset, /exit)", ChatConfig)

@@ -2,8 +2,9 @@
 
 ``lmforge.load(PATH)`` (= :func:`open_model`) accepts
 
-- a **run directory** (``lmforge train``): its best checkpoint, else its latest; a directory that
-  holds a run in ``train/`` (the quickstart's) is read as that run;
+- a **run directory** (``lmforge train`` or ``lmforge finetune``): its best checkpoint, else its
+  latest; a directory that holds a run in ``train/`` (the quickstart's) is read as that run; a
+  LoRA fine-tuning run opens as its base with the adapters merged in;
 - a **checkpoint file** ``RUN/checkpoints/step_N.pt``, read with its run's tokenizer;
 - a **quantized file** (``lmforge quantize``): self-contained safetensors with its tokenizer;
 - a **Hugging Face Llama directory** (``config.json`` + safetensors + ``tokenizer.json``),
@@ -66,23 +67,24 @@ class Loaded:
 
 
 def open_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | None = None) -> Loaded:
+               dtype: str | None = None, merge_adapters: bool = True) -> Loaded:
     """Open the model at ``path`` (any kind above) on ``device``. ``dtype`` ("fp32"/"bf16")
     casts the floating-point weights; None keeps them as stored (checkpoints: fp32; quantized
-    files: the dtype they were evaluated in)."""
+    files: the dtype they were evaluated in). A LoRA fine-tuning run's adapters are merged into
+    its weights unless ``merge_adapters`` is False (to export them alone)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not str(path):  # Path("") would read as ".", the current directory
         raise ConfigError("checkpoint: required: a run directory, checkpoint file, quantized "
                           "model file or Hugging Face model directory")
-    loaded = _open(Path(path))
+    loaded = _open(Path(path), merge_adapters)
     loaded.model = loaded.model.to(device).eval()
     if dtype is not None:
         loaded.model = loaded.model.to(DTYPES[dtype])
     return loaded
 
 
-def _open(path: Path) -> Loaded:
+def _open(path: Path, merge: bool) -> Loaded:
     from lmforge.quantize.io import open_quantized, quantized_metadata
 
     if not path.exists():
@@ -93,10 +95,10 @@ def _open(path: Path) -> Loaded:
         if meta is not None:
             model, tok = open_quantized(path)
             return Loaded(model, tok, "quantized", path, None, meta.get("mode"))
-        return _open_checkpoint(path, "checkpoint")
+        return _open_checkpoint(path, "checkpoint", merge)
     run = find_run(path)
     if run is not None:
-        return _open_checkpoint(best_checkpoint(run), "run")
+        return _open_checkpoint(best_checkpoint(run), "run", merge)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: neither a run directory (no checkpoints/ or {TOKENIZER_FILE})"
                          " nor a Hugging Face model directory (no config.json)")
@@ -130,7 +132,7 @@ def best_checkpoint(run: RunDir) -> Path:
     return found
 
 
-def _open_checkpoint(ckpt: Path, kind: Kind) -> Loaded:
+def _open_checkpoint(ckpt: Path, kind: Kind, merge: bool = True) -> Loaded:
     from lmforge.model import ModelConfig, Transformer
     from lmforge.train.checkpoint import load_checkpoint
 
@@ -144,8 +146,34 @@ def _open_checkpoint(ckpt: Path, kind: Kind) -> Loaded:
     if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
         raise InputError(f"{run.tokenizer}: tokenizer does not match the checkpoint {ckpt}")
     model = Transformer(ModelConfig(**state["model_config"]))
+    record = state.get("config") or {}
+    if record.get("lora"):
+        model, quantization = _with_adapters(model, state, record, ckpt, merge)
+        return Loaded(model, tokenizer, kind, ckpt, run, quantization)
     model.load_state_dict(state["model"])
     return Loaded(model, tokenizer, kind, ckpt, run, None)
+
+
+def _with_adapters(model: nn.Module, state: dict[str, Any], record: dict[str, Any], ckpt: Path,
+                   merge: bool) -> tuple[nn.Module, str | None]:
+    """The model of a LoRA fine-tuning checkpoint: its base with the adapters, merged into the
+    weights when ``merge`` and the base is float. A quantized base (QLoRA) is read again from
+    the file the run recorded, since a checkpoint's tensors alone do not say how it was
+    quantized; its adapters stay unmerged."""
+    from lmforge.finetune.lora import LoraConfig, apply_lora, merge_lora
+
+    quantization = (record.get("base") or {}).get("quantization")
+    if quantization:
+        from lmforge.quantize.io import load_quantized
+
+        source = Path(record["base"]["source"])
+        if not source.is_file():
+            raise InputError(f"{ckpt}: this LoRA run's quantized base {source} is missing; "
+                             "put it back or fine-tune again")
+        model = load_quantized(source)
+    apply_lora(model, LoraConfig(**record["lora"]))
+    model.load_state_dict(state["model"])
+    return (merge_lora(model) if merge and not quantization else model), quantization
 
 
 def float_model(loaded: Loaded, action: str, notify: Callable[[str], None]) -> nn.Module:

@@ -53,6 +53,15 @@ def flexible_answer(text: str) -> str:
     return next(g for g in matches[-1] if g).strip()
 
 
+def answer_is_right(text: str, answer: str) -> bool:
+    """Whether ``text`` gives the number ``answer`` (a GSM8K solution ending "#### N", or N):
+    its "#### N" when it has one, else its last number (the reward of RL fine-tuning)."""
+    given = strict_answer(text)
+    if given == INVALID:
+        given = flexible_answer(text)
+    return given != INVALID and normalize(given) == normalize(answer)
+
+
 def question_text(row: dict[str, Any]) -> str:
     return f"Question: {row['question']}\nAnswer:"
 

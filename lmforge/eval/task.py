@@ -54,9 +54,13 @@ class Env:
         params = replace(params, max_new_tokens=new)
         prompts = [p[-(context - new):] for p in prompts]
         stop_ids = [tok.special_tokens[s] for s in (ENDOFTEXT,) if s in tok.special_tokens]
-        texts: list[str] = []
+        texts = [""] * len(prompts)
+        # longest first, as lm-eval orders them: a batch's prompts are left-padded to its
+        # longest, so similar lengths waste little prefill on padding
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
+            rows = order[start:start + self.batch_size]
+            batch = [prompts[i] for i in rows]
 
             def finished(row: int, ids: list[int]) -> bool:
                 tail = tok.decode(ids[-32:])  # a stop string ends within the last tokens
@@ -64,11 +68,11 @@ class Env:
 
             outs = generate_batch(self.model, batch, params, stop_ids=stop_ids,
                                   vocab_size=tok.vocab_size, finished=finished)
-            for ids in outs:
+            for i, ids in zip(rows, outs, strict=True):
                 text = tok.decode(ids)
-                cut = min((i for i in (text.find(u) for u in until) if i >= 0),
+                cut = min((at for at in (text.find(u) for u in until) if at >= 0),
                           default=len(text))
-                texts.append(text[:cut])
+                texts[i] = text[:cut]
             if self.progress:
                 self.progress(len(batch))
         return texts

@@ -3,7 +3,8 @@
 Each message renders as ``<|role|>`` "\\n" content ``<|end|>`` "\\n"; a generation prompt appends
 ``<|assistant|>`` "\\n", after which the model writes its reply and ends it with ``<|end|>``. The
 role markers and ``<|end|>`` are always special ids, and the content is always ordinary text, so
-a user who types "<|end|>" cannot forge a turn boundary.
+a user who types "<|end|>" cannot forge a turn boundary. :func:`render_chat_masked` also marks the
+tokens that fine-tuning learns: each assistant reply and its ``<|end|>``.
 
 :data:`CHAT_TEMPLATE` is the same format as a Jinja template, for ``transformers``'
 ``apply_chat_template`` (the Hugging Face export writes it into ``tokenizer_config.json``). It
@@ -56,22 +57,48 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[Message],
                 add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` in the chat format; with ``add_generation_prompt`` they end
     where the assistant's reply begins."""
+    return _render(tokenizer, messages, add_generation_prompt)[0]
+
+
+def render_chat_masked(tokenizer: Tokenizer, messages: Sequence[Message]
+                       ) -> tuple[list[int], list[int]]:
+    """``render_chat(tokenizer, messages, add_generation_prompt=False)`` and a loss mask of the
+    same length: 1 on each assistant message's content tokens and its ``<|end|>``, 0 elsewhere.
+
+    The mask starts after ``<|assistant|>`` "\\n", where generation starts from the generation
+    prompt, so a fine-tuned model learns to write the reply and to end it. The "\\n" after a role
+    marker is its own pretoken unless the content itself begins with line-break characters; then
+    the token that holds both is learned too (it carries content)."""
+    return _render(tokenizer, messages, False)
+
+
+def _render(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool
+            ) -> tuple[list[int], list[int]]:
     missing = [t for t in CHAT_TOKENS if t not in tokenizer.special_tokens]
     if missing:
         raise InputError(f"the tokenizer lacks the chat special tokens {missing}; chat needs "
                          f"{', '.join(CHAT_TOKENS)} (lmforge tokenizers have them by default)")
     newline = tokenizer.encode("\n")
     ids: list[int] = []
+    mask: list[int] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Message):
             raise InputError(f"messages[{i}]: expected a Message, got "
                              f"{type(message).__name__} (build one with Message(role, content))")
-        ids.append(tokenizer.token_id(f"<|{message.role}|>"))
         # "\n" + content is one piece of ordinary text, as HF tokenizes the rendered template
-        ids += tokenizer.encode("\n" + message.content)
+        body = tokenizer.encode("\n" + message.content)
+        learn = int(message.role == "assistant")
+        # the reply is learned from where the generation prompt <|assistant|> "\n" leaves off
+        lead = len(newline) if body[: len(newline)] == newline else 0
+        ids.append(tokenizer.token_id(f"<|{message.role}|>"))
+        ids += body
         ids.append(tokenizer.token_id(END))
+        mask += [0] * (1 + lead) + [learn] * (len(body) - lead + 1)
         ids += newline
+        mask += [0] * len(newline)
     if add_generation_prompt:
         ids.append(tokenizer.token_id("<|assistant|>"))
         ids += newline
-    return ids
+        mask += [0] * (1 + len(newline))
+    return ids, mask
+

@@ -70,7 +70,9 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) → mean loss of the micro-batch
+# (model, batch) → the micro-batch's mean loss, or (loss, figures) where ``figures`` (plain
+# floats such as a reward or an accuracy) are averaged over the micro-steps and logged with it
+LossFn = Callable[[nn.Module, Any], Tensor | tuple[Tensor, dict[str, float]]]
 
 
 @dataclass
@@ -292,13 +294,19 @@ def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run:
         # summed on the device in float64 (as exact as Python floats): one host sync per step,
         # not one per micro-step
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        figures: dict[str, float] = {}  # the objective's own, averaged over micro-steps
         for micro in range(config.grad_accum):
             batch = state.batches.next_batch()
             # DDP: all-reduce gradients only on the last micro-step.
             sync = (state.model.no_sync() if hasattr(state.model, "no_sync")
                     and micro < config.grad_accum - 1 else contextlib.nullcontext())
             with sync, autocast:
-                loss = loss_fn(compiled, batch) / config.grad_accum
+                loss = loss_fn(compiled, batch)
+            if isinstance(loss, tuple):
+                loss, extra = loss
+                for name, value in extra.items():
+                    figures[name] = figures.get(name, 0.0) + float(value) / config.grad_accum
+            loss = loss / config.grad_accum
             with sync:
                 loss.backward()
             loss_sum += loss.detach()
@@ -321,7 +329,7 @@ def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run:
         dt = time.perf_counter() - t0
         tps = tokens_per_step / dt
         record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tps}
+                  "tokens_per_s": tps, **figures}
         if peak:
             record["mfu"] = flops_per_token * tps / (peak * env.world_size)
         emit(record)

@@ -46,7 +46,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(run_dir: Path, baseline_bpb: float | None = None) -> Path | None:
-    """``loss.png``: training loss and validation bpb against step, events marked."""
+    """``loss.png``: training loss and validation bpb (fine-tuning: held-out loss) against step,
+    events marked."""
     try:
         import matplotlib
 
@@ -65,11 +66,14 @@ def plot_loss_curve(run_dir: Path, baseline_bpb: float | None = None) -> Path | 
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss (nats/token)")
     ax1.set_title("training loss (orange: skipped step, red: rollback)")
-    ax2.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label="model")
+    # pretraining reports bits per byte; fine-tuning its held-out loss
+    key = "val_bpb" if evals and all("val_bpb" in r for r in evals) else "val_loss"
+    shown = [r for r in evals if key in r]
+    ax2.plot([r["step"] for r in shown], [r[key] for r in shown], "o-", label="model")
     if baseline_bpb is not None:
         ax2.axhline(baseline_bpb, color="gray", ls="--", label="unigram baseline")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("bits per byte")
+    ax2.set_ylabel("bits per byte" if key == "val_bpb" else "held-out loss")
     ax2.set_title("validation")
     ax2.legend()
     fig.tight_layout()

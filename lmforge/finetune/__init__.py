@@ -1,0 +1,1 @@
+"""Fine-tuning: transforms and objectives applied to a built model (LoRA, SFT, DPO)."""

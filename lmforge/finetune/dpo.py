@@ -1,0 +1,117 @@
+"""Direct preference optimization (arXiv:2305.18290) on the shared training loop: each batch is
+B chosen and B rejected replies to the same prompts, the loss compares the policy's log-prob
+margins with the reference's.
+
+The reference is the base model as it was (:func:`~lmforge.finetune.run.reference_for`): a
+frozen copy, or — with LoRA — the same model with its adapters switched off, so no second copy is
+held in memory.
+
+    lmforge finetune dpo --checkpoint SFT_RUN --data pairs.jsonl --out runs/dpo [--lora-rank 8]
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.data.chat_batches import PreferenceBatches, pad_id_of, pad_rows, render_pairs
+from lmforge.finetune.config import DPOConfig
+from lmforge.finetune.objectives import DPOOutput, dpo_loss, sequence_logprobs
+from lmforge.finetune.run import (
+    Reference,
+    check_rendered,
+    finish,
+    open_base,
+    preference_rows,
+    read_split,
+    reference_for,
+    run_info,
+)
+from lmforge.train.distributed import init_distributed, shutdown_distributed
+from lmforge.train.loop import autocast_for, fit, optimizer_for
+
+log = logging.getLogger(__name__)
+
+def preference_figures(out: DPOOutput) -> dict[str, float]:
+    """What DPO logs: the implicit rewards, their margin and the preference accuracy."""
+    return {"reward_chosen": float(out.chosen_rewards.mean()),
+            "reward_rejected": float(out.rejected_rewards.mean()),
+            "reward_margin": float(out.margin), "pref_accuracy": float(out.accuracy)}
+
+
+def dpo_batch_loss(model: nn.Module, batch: tuple[Tensor, Tensor], reference: Reference,
+                   beta: float) -> DPOOutput:
+    """DPO on one preference batch: rows [:B] chosen, [B:] rejected."""
+    ids, targets = batch
+    half = ids.shape[0] // 2
+    policy = sequence_logprobs(model, ids, targets)
+    ref = reference(sequence_logprobs, ids, targets)
+    return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
+
+
+@torch.no_grad()
+def held_out_preferences(model: nn.Module, pairs: list, reference: Reference, config: DPOConfig,
+                         pad: int, device: torch.device, autocast: AbstractContextManager
+                         ) -> dict[str, float]:
+    """DPO loss, reward margin and preference accuracy over held-out pairs."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    try:
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = pairs[start:start + config.batch_size]
+            ids, targets = pad_rows([c for c, _ in chunk] + [r for _, r in chunk], pad)
+            with autocast:
+                out = dpo_batch_loss(model, (ids.to(device), targets.to(device)), reference,
+                                     config.beta)
+            for name, value in {"val_loss": float(out.loss), **preference_figures(out)}.items():
+                sums[name] = sums.get(name, 0.0) + value * len(chunk)
+    finally:
+        model.train(was_training)
+    return {f"val_{k}" if not k.startswith("val_") else k: v / len(pairs)
+            for k, v in sums.items()}
+
+
+def finetune_dpo(config: DPOConfig) -> dict[str, Any]:
+    """DPO of ``config.checkpoint`` on preference pairs; returns the final figures."""
+    env = init_distributed(config.device)
+    try:
+        base = open_base(config, env)
+        tok = base.tokenizer
+        train_rows, val_rows, report = read_split(config, preference_rows)
+        train_pairs, rendered = render_pairs(tok, train_rows, base.seq_len)
+        val_pairs, val_rendered = render_pairs(tok, val_rows, base.seq_len)
+        log.info("preference pairs: train %s; held out %s", rendered, val_rendered)
+        check_rendered(config, train_pairs, val_pairs, rendered, val_rendered)
+        pad = pad_id_of(tok)
+        batches = PreferenceBatches(train_pairs, config.batch_size, base.seq_len, config.seed,
+                                    pad, env.rank, env.world_size, env.device)
+        reference = reference_for(base, config.reference == "adapters" or (
+            config.reference == "auto" and base.lora is not None))
+        optimizer = optimizer_for(base.model, config)
+        autocast = autocast_for(config, env)
+
+        def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]
+                    ) -> tuple[Tensor, dict[str, float]]:
+            out = dpo_batch_loss(model, batch, reference, config.beta)
+            return out.loss, preference_figures(out)
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            return held_out_preferences(m, val_pairs, reference, config, pad, env.device,
+                                        autocast)
+
+        info = run_info(config, base, "dpo")
+        info.config["data_report"] = {**report, "train_rendered": vars(rendered),
+                                      "val_rendered": vars(val_rendered)}
+        summary = fit(base.model, optimizer, batches, loss_fn, config, env, info,
+                      batch_size=2 * config.batch_size, seq_len=base.seq_len,
+                      evaluate=evaluate)
+        adapter = finish(base, config, env)
+        return {**summary, **info.config["data_report"],
+                **({"adapter": str(adapter)} if adapter else {})}
+    finally:
+        shutdown_distributed(env)
