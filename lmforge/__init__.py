@@ -16,7 +16,8 @@ except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 
-def load(path: str, device: str | torch.device = "cpu", dtype: str | None = None) -> Loaded:
+def load(path: str, device: str | torch.device = "cpu", dtype: str | None = None,
+         merge_adapters: bool = True) -> Loaded:
     """``model, tokenizer = lmforge.load(PATH)``: a run directory, a checkpoint file, a quantized
     model file (``lmforge quantize``) or a Hugging Face Llama directory.
 
@@ -24,8 +25,9 @@ def load(path: str, device: str | torch.device = "cpu", dtype: str | None = None
     or "bf16") casts the model's floating-point weights; None keeps them as stored (checkpoints:
     fp32; quantized files: the dtype they were evaluated in). The result also says what was
     opened: ``.kind``, ``.source``, ``.dtype``, ``.quantization``, ``.run`` (see
-    :class:`lmforge.loading.Loaded`).
+    :class:`lmforge.loading.Loaded`). A LoRA fine-tuning run opens with its adapters merged
+    into the weights, or kept apart with ``merge_adapters=False``.
     """
     from lmforge.loading import open_model
 
-    return open_model(path, device, dtype)
+    return open_model(path, device, dtype, merge_adapters)

@@ -280,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     command(esub, "hf", _export("hf"), "Hugging Face Llama directory (transformers loads it)",
             ExportConfig)
     command(esub, "gguf", _export("gguf"), "one GGUF file for llama.cpp", ExportConfig)
+    command(esub, "peft", _export("peft"), "a LoRA run's adapters in PEFT's format, its base "
+            "beside them (peft.AutoPeftModelForCausalLM loads the directory)", ExportConfig)
 
     command(stages, "eval", _eval,
             "bpb, MMLU, GSM8K, HumanEval (sandboxed) on any model; eval.json + a table",

@@ -5,7 +5,8 @@ lossless on the validation split, measuring its compression there, and exporting
 Face and tiktoken formats), runs the data pipeline (filters, dedup, tokenization) into token
 shards, then pretrains the ``tiny-cpu`` model and reports its validation bits per byte next to the
 unigram baseline, with samples; evaluates it (bpb, and MMLU/GSM8K/HumanEval on a few questions
-when ``task_data`` is given) and writes its report card. About 13 minutes on 2 CPU cores.
+when ``task_data`` is given) and writes its report card. About 13 minutes on 2 CPU cores. With
+``chat``, it then fine-tunes a chat model from it (SFT, then DPO: :mod:`lmforge.finetune.chain`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lmforge.errors import ConfigError
 from lmforge.eval import EvalConfig, evaluate
 from lmforge.eval.run import table
 from lmforge.files import atomic_write_text
+from lmforge.finetune.chain import chat_chain
 from lmforge.inference import SamplingParams, generate
 from lmforge.report import ReportConfig, write_report
 from lmforge.rundir import RunDir
@@ -58,10 +60,15 @@ class QuickstartConfig:
                                 "../shared/data, or `hub`); none: bpb only")
     eval_limit: int = option(50, "questions per benchmark task (the trained model is tiny: "
                                  "a taste, not a score)")
+    chat: bool = option(False, "then fine-tune a chat model: SFT on the built-in docstring "
+                               "conversations, DPO on their preference pairs, with held-out "
+                               "before/after figures and a few replies")
+    chat_steps: int = option(300, "SFT steps of --chat (DPO: half as many)")
+    chat_minutes: float = option(4.0, "time budget of each fine-tuning stage (--chat)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "eval_limit")
+        check_at_least(self, 1, "eval_limit", "chat_steps")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction: expected a value in (0, 0.5), "
                               f"got {self.val_fraction}")
@@ -73,9 +80,10 @@ def quickstart(config: QuickstartConfig) -> dict:
     """Run the pipeline; returns (and writes to ``out_dir/quickstart.json``) its figures."""
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stages = 7 if config.chat else 6
     atomic_write_text(out / "config.json", json.dumps(to_dict(config), indent=2))
 
-    print(f"[1/6] reading {' + '.join(config.corpus)}")
+    print(f"[1/{stages}] reading {' + '.join(config.corpus)}")
     train_docs, val_docs = [], []
     for spec in config.corpus:
         for doc in documents(spec):
@@ -85,7 +93,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     print(f"      {len(train_docs)} training documents ({mb:.1f} MB), {len(val_docs)} "
           "validation documents")
 
-    print(f"[2/6] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
+    print(f"[2/{stages}] training a byte-level BPE tokenizer, vocabulary {config.vocab_size}")
     tok_config = TokenizerTrainConfig(input=config.corpus, vocab_size=config.vocab_size,
                                       out=str(out / "tokenizer.lmforge.json"),
                                       progress=config.progress, force=True)
@@ -110,7 +118,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     print(f"      longest tokens: {stats['longest_tokens'][:3]}")
     print(f"      example: {example!r}\n        → {len(ids)} tokens {pieces}")
 
-    print("[3/6] data pipeline: filters, exact + MinHash dedup, tokenization, shards")
+    print(f"[3/{stages}] data pipeline: filters, exact + MinHash dedup, tokenization, shards")
     manifest = prepare(DataConfig(input=config.corpus, tokenizer=summary["tokenizer"],
                                   out=str(out / "data"), preset=config.preset,
                                   val_fraction=config.val_fraction, progress=config.progress))
@@ -127,7 +135,7 @@ def quickstart(config: QuickstartConfig) -> dict:
           f"({len(manifest['shards'])} shards, {manifest['dtype']})")
 
     resume = RunDir(out / "train").checkpoints.exists()
-    print(f"[4/6] pretraining {config.model} for {config.steps} steps "
+    print(f"[4/{stages}] pretraining {config.model} for {config.steps} steps "
           f"(time budget {config.time_budget_minutes:g} min)")
     if resume:
         print(f"      {out}/train holds an earlier run: continuing it from its latest "
@@ -154,7 +162,7 @@ def quickstart(config: QuickstartConfig) -> dict:
     tasks = ["bpb"]
     if config.task_data:
         tasks += ["mmlu", "gsm8k", "humaneval"]
-    print(f"[5/6] evaluating: {', '.join(tasks)}"
+    print(f"[5/{stages}] evaluating: {', '.join(tasks)}"
           + (f" (first {config.eval_limit} questions each)" if config.task_data else ""))
     if not config.task_data:
         print("      no --task-data: benchmarks skipped. Give a directory in the layout of "
@@ -168,11 +176,22 @@ def quickstart(config: QuickstartConfig) -> dict:
     for line in table(evaluation).splitlines():
         print("      " + line)
 
-    print("[6/6] writing the report card")
+    print(f"[6/{stages}] writing the report card")
     pages = write_report(ReportConfig(run=str(out / "train")))
     print(f"      {pages[0]}\n      {pages[1]}")
+    if config.chat:
+        print(f"[7/{stages}] fine-tuning a chat model: SFT then DPO (≤ {config.chat_minutes:g} "
+              "min each), measured on held-out functions")
+        report["chat"] = chat_chain(out / "train", out, config.chat_minutes, config.progress,
+                                    config.chat_steps)
+        atomic_write_text(out / "quickstart.json",
+                          json.dumps(report, indent=2, ensure_ascii=False))
+        print("      chat with the DPO model (held-out questions):")
+        for turn in report["chat"]["dpo"]["replies"]:
+            print(f"      > {turn['user']}\n      {turn['assistant']!r}")
+        print(f"      talk to it: lmforge chat --checkpoint {out}/dpo")
     print(f"done: {out}/ (tokenizer, data/, train/ with checkpoints, metrics.jsonl, loss.png, "
-          "eval/, report.html)")
+          "eval/, report.html" + (", sft/, dpo/" if config.chat else "") + ")")
     print(f"trained {result['step']} steps ({result['params'] / 1e6:.1f}M parameters)"
           + (" — stopped by the time budget" if result["stopped_by_time_budget"] else ""))
     print(f"final validation bpb: {result['val_bpb']:.3f}   "

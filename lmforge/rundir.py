@@ -70,7 +70,15 @@ class RunDir:
         return data if isinstance(data, dict) else {}
 
     def data_dir(self) -> str | None:
-        """The prepared data directory the run trained on, as recorded (None if not)."""
+        """The prepared data directory the run trained on, as recorded (None if not). A
+        fine-tuning run trained on conversations: its base run's (pretraining) data."""
         train = self.recorded_config().get("train")
-        data = train.get("data") if isinstance(train, dict) else None
+        if not isinstance(train, dict):
+            return None
+        if train.get("method"):  # lmforge finetune: follow the base model back to its run
+            base = train.get("base") or {}
+            if base.get("kind") not in ("run", "checkpoint"):
+                return None
+            return RunDir.of_checkpoint(base["source"]).data_dir()
+        data = train.get("data")
         return data if isinstance(data, str) and data else None

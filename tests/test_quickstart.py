@@ -35,6 +35,16 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
 
     again = quickstart(QuickstartConfig(out_dir=str(out), corpus=[str(tmp_path / "*.txt")],
                                         vocab_size=500, val_fraction=0.1, progress=False,
-                                        preset="code", steps=6, batch_size=2, seq_len=32))
+                                        preset="code", steps=6, batch_size=2, seq_len=32,
+                                        chat=True, chat_steps=4))
     assert again["data"]["num_tokens"] == report["data"]["num_tokens"]  # reused
-    assert "holds an earlier run: continuing it" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "holds an earlier run: continuing it" in printed
+    # --chat: SFT then DPO on the built-in docstring sets, measured before and after
+    chat = again["chat"]
+    assert chat["sft_run"]["step"] == 4 and chat["dpo_run"]["step"] == 2
+    for model in ("base", "sft", "dpo"):
+        assert set(chat[model]) >= {"assistant_loss", "ended_share", "preference_accuracy"}
+        assert 0 <= chat[model]["ended_share"] <= 1 and chat[model]["replies"]
+    assert (out / "sft" / "config.json").is_file() and (out / "dpo" / "checkpoints").is_dir()
+    assert f"lmforge chat --checkpoint {out}/dpo" in printed

@@ -32,7 +32,7 @@ from lmforge.finetune.run import (
     reference_for,
     run_info,
 )
-from lmforge.inference import SamplingParams, generate_batch, room_for
+from lmforge.inference import SamplingParams, generate_batch
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 from lmforge.tokenizer.chat import END, render_chat
 from lmforge.train.distributed import init_distributed, shutdown_distributed, unwrap
@@ -87,15 +87,13 @@ class QuestionBatches:
         self.step = state["step"]
 
 
-def rollout_batch(tokenizer: Tokenizer, prompts: list[list[int]], replies: list[list[int]],
-                  cap: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """(ids, targets) of prompt + reply rows, targets on the reply's tokens only — and on the
-    ``<|end|>`` that ended it, when it did not run into the length cap."""
-    end = tokenizer.token_id(END)
+def rollout_batch(prompts: list[list[int]], replies: list[list[int]], pad_id: int
+                  ) -> tuple[Tensor, Tensor]:
+    """(ids, targets) of prompt + reply rows, targets on every sampled token of the reply (the
+    stop token that ended it included) and nowhere else."""
     rows = []
     for prompt, reply in zip(prompts, replies, strict=True):
-        sampled = [*reply, end] if len(reply) < cap else reply
-        ids = np.asarray(prompt + sampled, dtype=np.int32)
+        ids = np.asarray(prompt + reply, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
         mask[len(prompt):] = True
         rows.append(Example(ids, mask, False))
@@ -135,14 +133,14 @@ def finetune_grpo(config: GRPOConfig) -> dict[str, Any]:
             # the engine's cache holds the weights' dtype: sample outside the loop's autocast
             with torch.autocast(env.device.type, enabled=False):
                 replies = generate_batch(net, prompts, params, stop_ids=stop_ids,
-                                         generator=generator, vocab_size=tok.vocab_size)
+                                         generator=generator, vocab_size=tok.vocab_size,
+                                         include_stop=True)
             right = [answer_is_right(tok.decode(reply), gold)
                      for reply, (_, gold) in zip(replies, [q for q in questions for _ in range(G)],
                                                  strict=True)]
             rewards = torch.tensor(right, dtype=torch.float32, device=env.device)
             advantages = group_advantages(rewards, G, config.scale_by_std)
-            cap = room_for(net, max(len(p) for p in prompts), config.max_new_tokens)
-            ids, targets = rollout_batch(tok, prompts, replies, cap, pad)
+            ids, targets = rollout_batch(prompts, replies, pad)
             ids, targets = ids.to(env.device), targets.to(env.device)
             logprobs = token_logprobs(model, ids, targets)
             ref = reference(token_logprobs, ids, targets) if reference else None

@@ -123,6 +123,9 @@ def read_split(config: FinetuneConfig, read: Callable[[str, bool], tuple[list[T]
     bad rows are skipped and reported (``--strict``: the reader stops at the first). A built-in
     set is held out by its own split."""
     items, skipped = read(config.data, config.strict)
+    if not items:
+        why = f"; the first: {skipped[0]}" if skipped else ""
+        raise InputError(f"{config.data}: no usable row ({len(skipped)} bad rows skipped{why})")
     val_data = config.val_data or (f"{config.data}:val" if config.data.startswith("builtin:")
                                    else "")
     if val_data:

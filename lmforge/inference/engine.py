@@ -252,13 +252,14 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
                    params: SamplingParams, *, stop_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None, vocab_size: int | None = None,
                    finished: Callable[[int, list[int]], bool] | None = None,
-                   compile: bool = False) -> list[list[int]]:
+                   include_stop: bool = False, compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (lengths may differ; they are left-padded), decoded
     together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
     (clipped so the longest prompt + new tokens fit in the context). ``finished(row, ids)``,
     called after each new token of a row, ends that row when it returns True (a stop string
     found in its text, say); the batch ends when every row has. Other arguments as in
-    :func:`generate`."""
+    :func:`generate`; ``include_stop``: a row ended by a stop id keeps it as its last token
+    (what RL fine-tuning must score: the token the policy drew)."""
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, params)
     out: list[list[int]] = [[] for _ in prompts]
@@ -273,6 +274,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
                 continue
             if token in stops:
                 ended[row] = True
+                if include_stop:
+                    out[row].append(token)
                 continue
             out[row].append(token)
             if finished is not None and finished(row, out[row]):
