@@ -14,7 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev,eval,finetune]'
+	$(BIN)/pip install -q -e '.[dev,eval,finetune,serve]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -23,7 +23,7 @@ DESCRIPTION = """Build a language model from scratch, end to end, and own every 
 
 stages, in pipeline order:
   tokenizer train → data prepare → train → finetune (sft, dpo, grpo) → eval → report;
-  generate / chat / quantize / export
+  generate / chat / serve / quantize / export
   quickstart runs the first three on the built-in offline corpus."""
 EPILOG = """Every stage takes --config FILE (YAML of its fields; flags override it).
 `lmforge STAGE --help` lists a stage's flags. Docs: docs/*.md in the source tree."""
@@ -130,6 +130,12 @@ def _finetune(method: str) -> Callable[[argparse.Namespace], None]:
     return handler
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.stage import ServeConfig, serve
+
+    serve(from_args(ServeConfig, args))
+
+
 def _generate(args: argparse.Namespace) -> None:
     from lmforge.inference.stage import GenerateConfig, generate_samples
 
@@ -204,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     from lmforge.inference.stage import GenerateConfig
     from lmforge.quantize.stage import QuantizeConfig
     from lmforge.quickstart import QuickstartConfig
+    from lmforge.serve.stage import ServeConfig
     from lmforge.tokenizer.stage import TokenizerTrainConfig
     from lmforge.train.config import TrainConfig
 
@@ -286,6 +293,8 @@ def _parser() -> argparse.ArgumentParser:
     command(stages, "eval", _eval,
             "bpb, MMLU, GSM8K, HumanEval (sandboxed) on any model; eval.json + a table",
             EvalConfig)
+    command(stages, "serve", _serve, "OpenAI-compatible HTTP server with continuous batching "
+            "and a web chat page", ServeConfig)
     command(stages, "quantize", _quantize,
             "int8/int4 weight-only quantization (rtn, gptq, awq) with bpb before and after",
             QuantizeConfig)

@@ -87,26 +87,33 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
         logits = _compiled_forward()(model, cache.k, cache.v, cache.valid, ids, positions, slots)
     else:  # eager: attend over the filled slots only, not the whole allocation
         end = cache.length + T
-        logits = _forward(model, [k[:, :, :end] for k in cache.k],
-                          [v[:, :, :end] for v in cache.v], cache.valid[:, :end], ids,
-                          positions, slots)
+        logits = forward_slots(model, [k[:, :, :end] for k in cache.k],
+                               [v[:, :, :end] for v in cache.v], cache.valid[:, :end], ids,
+                               positions, slots)
     cache.length += T
     return logits
 
 
-def _forward(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor], valid: Tensor,
-             ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-    """:func:`forward_cached` on tensors only: the slots arrive as a tensor and attention
-    spans the cache tensors given (masked) — under ``torch.compile`` the whole allocation, so
-    every decode step has the same shapes and no Python value that changes from step to step,
-    which lets it capture the step once.
+def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor],
+                  valid: Tensor, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+    """Logits (B, T, vocab) for ids (B, T) written to the cache tensors given at ``slots`` —
+    (T,), the same slots for every row, or (B, T), each row its own (a continuous-batching
+    scheduler's rows are at different lengths) — with RoPE ``positions`` (B, T), negative for
+    padding. Attention spans the cache tensors given (masked): under ``torch.compile`` the whole
+    allocation, so every decode step has the same shapes and no Python value that changes from
+    step to step, which lets it capture the step once.
     """
-    valid.index_copy_(1, slots, positions >= 0)
+    per_row = slots.dim() == 2
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]  # (B, 1)
+    if per_row:
+        valid[rows, slots] = positions >= 0
+    else:
+        valid.index_copy_(1, slots, positions >= 0)
     # Query i (at slots[i]) sees earlier-or-same slots that hold real tokens. A padding query
     # would see nothing (softmax of all -inf is NaN), so every query also sees its own slot; no
     # real token ever attends to a padding slot, so that output never matters.
     cache_slots = torch.arange(valid.shape[1], device=ids.device)  # (L,)
-    query_slots = slots[:, None]  # (T, 1)
+    query_slots = slots[..., None]  # (T, 1) or (B, T, 1)
     mask = (cache_slots <= query_slots) & valid[:, None, :]  # (B, T, L)
     mask = (mask | (cache_slots == query_slots))[:, None]  # (B, 1, T, L)
     # additive form, built once for every layer: measured faster than a boolean mask on CPU
@@ -119,15 +126,16 @@ def _forward(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor],
     x = model.embed_tokens(ids)  # (B, T, d_model)
     for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches, strict=True):
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias,
-                           k_cache, v_cache, slots)
+                           k_cache, v_cache, rows if per_row else None, slots)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(model.norm(x))
 
 
 def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor,
-               k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
-    """The model's Attention block, with keys/values written to and read from the cache;
-    ``bias`` (B, 1, T, L) is the additive mask (0 or -inf) over the cache slots."""
+               k_cache: Tensor, v_cache: Tensor, rows: Tensor | None, slots: Tensor) -> Tensor:
+    """The model's Attention block, with keys/values written to and read from the cache at
+    ``slots`` (per row when ``rows`` is given); ``bias`` (B, 1, T, L) is the additive mask
+    (0 or -inf) over the cache slots."""
     B, T, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     G = H // KV  # query heads per kv head
@@ -135,8 +143,12 @@ def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tenso
     k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
     v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache.index_copy_(2, slots, k)
-    v_cache.index_copy_(2, slots, v)
+    if rows is None:
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+    else:  # (B, T) slots: the indexed view is (B, T, n_kv_heads, head_dim)
+        k_cache[rows, :, slots] = k.transpose(1, 2)
+        v_cache[rows, :, slots] = v.transpose(1, 2)
     if G > 1 and T == 1:
         # Decoding with grouped queries: the G query heads of a kv head become G rows of one
         # attention against that head's keys, so the cache is read once per kv head and never
@@ -152,9 +164,9 @@ def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tenso
 
 @functools.cache
 def _compiled_forward() -> Callable[..., Tensor]:
-    """:func:`_forward` under ``torch.compile``, built on first use. ``dynamic=False``: each
+    """:func:`forward_slots` under ``torch.compile``, built on first use. ``dynamic=False``: each
     (batch, cache length) gets its own specialized graph; a decode loop only ever sees one."""
-    return torch.compile(_forward, fullgraph=True, dynamic=False)
+    return torch.compile(forward_slots, fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()
