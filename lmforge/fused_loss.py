@@ -18,14 +18,14 @@ from torch import Tensor
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int,  # type: ignore[override]
-                ignore_index: int) -> Tensor:
+                ignore_index: int, need_h: bool, need_w: bool) -> Tensor:
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1)
         scale = valid / count  # each valid row's share of the mean
         safe = targets.masked_fill(~valid, 0)
         acc = torch.promote_types(h.dtype, torch.float32)  # never accumulate below fp32
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=acc)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s : s + chunk], safe[s : s + chunk]
@@ -33,23 +33,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, tc[:, None]).squeeze(1)
             total += ((lse - picked) * valid[s : s + chunk]).sum()
+            if not (need_h or need_w):
+                continue
             # d(mean loss)/d(logits) = (softmax − one-hot) · share, computed in place.
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(len(tc), device=h.device), tc] -= 1
             grad = (grad * scale[s : s + chunk, None]).to(h.dtype)
-            grad_h[s : s + chunk] = grad @ weight
-            grad_w += (grad.T @ hc).to(acc)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            if grad_h is not None:
+                grad_h[s : s + chunk] = grad @ weight
+            if grad_w is not None:
+                grad_w += (grad.T @ hc).to(acc)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return (None if grad_h is None else grad_h * grad_out,
+                None if grad_w is None else grad_w * grad_out, None, None, None, None, None)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256,
                          ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of ``h @ weight.T`` (h: (N, d), weight: (V, d)) against ``targets``
-    (N,); rows whose target is ``ignore_index`` do not count."""
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index)
+    (N,); rows whose target is ``ignore_index`` do not count — and are not projected at all
+    (fine-tuning scores only the assistant's tokens: often half the rows or fewer). Gradients
+    are computed only for what needs them: none without grad mode (evaluation), none for a
+    frozen ``weight`` (LoRA)."""
+    keep = targets != ignore_index
+    if not bool(keep.all()):
+        h, targets = h[keep], targets[keep]
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index,
+                                     grad and h.requires_grad, grad and weight.requires_grad)

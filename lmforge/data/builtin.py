@@ -63,13 +63,21 @@ def _read_source(path: Path) -> str | None:
         return None
 
 
-def _docstrings(source: str) -> Iterator[str]:
+def parse_python(source: str) -> ast.Module | None:
+    """``source`` parsed (its invalid-escape warnings silenced), or None if it does not parse
+    (a few stdlib files are deliberately broken test data)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntaxWarning)
         try:
-            tree = ast.parse(source)
+            return ast.parse(source)
         except SyntaxError:
-            return
+            return None
+
+
+def _docstrings(source: str) -> Iterator[str]:
+    tree = parse_python(source)
+    if tree is None:
+        return
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             doc = ast.get_docstring(node, clean=True)

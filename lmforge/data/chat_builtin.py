@@ -23,12 +23,11 @@ import ast
 import functools
 import inspect
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.data.builtin import hash_fraction, is_validation, python_src
+from lmforge.data.builtin import hash_fraction, is_validation, parse_python, python_src
 from lmforge.data.conversations import Conversation, PreferencePair
 from lmforge.errors import ConfigError
 from lmforge.tokenizer.chat import Message
@@ -107,12 +106,9 @@ def _definitions(body: list[ast.stmt]) -> Iterator[ast.FunctionDef | ast.AsyncFu
 
 
 def _module_items(module: str, source: str) -> Iterator[DocItem]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SyntaxWarning)
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            return
+    tree = parse_python(source)
+    if tree is None:
+        return
     for node in _definitions(tree.body):
         if node.name.startswith("_"):
             continue

@@ -18,17 +18,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.data.chat_batches import PreferenceBatches, pad_id_of, pad_rows, render_pairs
+from lmforge.data.chat_batches import (
+    PreferenceBatches,
+    count_tokens,
+    pad_id_of,
+    pad_rows,
+    render_pairs,
+)
 from lmforge.finetune.config import DPOConfig
 from lmforge.finetune.objectives import DPOOutput, dpo_loss, sequence_logprobs
 from lmforge.finetune.run import (
     Reference,
-    check_rendered,
     finish,
     open_base,
     preference_rows,
-    read_split,
     reference_for,
+    rendered_split,
     run_info,
 )
 from lmforge.train.distributed import init_distributed, shutdown_distributed
@@ -81,13 +86,9 @@ def finetune_dpo(config: DPOConfig) -> dict[str, Any]:
     env = init_distributed(config.device)
     try:
         base = open_base(config, env)
-        tok = base.tokenizer
-        train_rows, val_rows, report = read_split(config, preference_rows)
-        train_pairs, rendered = render_pairs(tok, train_rows, base.seq_len)
-        val_pairs, val_rendered = render_pairs(tok, val_rows, base.seq_len)
-        log.info("preference pairs: train %s; held out %s", rendered, val_rendered)
-        check_rendered(config, train_pairs, val_pairs, rendered, val_rendered)
-        pad = pad_id_of(tok)
+        train_pairs, val_pairs, report = rendered_split(config, base, preference_rows,
+                                                        render_pairs, "preference pairs")
+        pad = pad_id_of(base.tokenizer)
         batches = PreferenceBatches(train_pairs, config.batch_size, base.seq_len, config.seed,
                                     pad, env.rank, env.world_size, env.device)
         reference = reference_for(base, config.reference == "adapters" or (
@@ -104,14 +105,10 @@ def finetune_dpo(config: DPOConfig) -> dict[str, Any]:
             return held_out_preferences(m, val_pairs, reference, config, pad, env.device,
                                         autocast)
 
-        info = run_info(config, base, "dpo")
-        info.config["data_report"] = {**report, "train_rendered": vars(rendered),
-                                      "val_rendered": vars(val_rendered)}
+        info = run_info(config, base, "dpo", report)
         summary = fit(base.model, optimizer, batches, loss_fn, config, env, info,
                       batch_size=2 * config.batch_size, seq_len=base.seq_len,
-                      evaluate=evaluate)
-        adapter = finish(base, config, env)
-        return {**summary, **info.config["data_report"],
-                **({"adapter": str(adapter)} if adapter else {})}
+                      evaluate=evaluate, count_tokens=lambda batch: count_tokens(batch, pad).real)
+        return finish(base, config, env, summary, report)
     finally:
         shutdown_distributed(env)

@@ -157,15 +157,11 @@ def finetune_grpo(config: GRPOConfig) -> dict[str, Any]:
             # checkpoints are ranked by val_loss: here the held-out error rate
             return {"val_pass_rate": rate, "val_loss": 1.0 - rate}
 
-        info = run_info(config, base, "grpo")
-        info.config["data_report"] = {**report, "train_questions": len(train_q),
-                                      "val_questions": len(val_q)}
+        report = {**report, "train_questions": len(train_q), "val_questions": len(val_q)}
+        info = run_info(config, base, "grpo", report)
         summary = fit(base.model, optimizer, batches, loss_fn, config, env, info,
-                      batch_size=config.batch_size * G,
-                      seq_len=context, evaluate=evaluate)
-        adapter = finish(base, config, env)
-        return {**summary, **info.config["data_report"],
-                **({"adapter": str(adapter)} if adapter else {})}
+                      batch_size=config.batch_size * G, seq_len=context, evaluate=evaluate)
+        return finish(base, config, env, summary, report)
     finally:
         shutdown_distributed(env)
 

@@ -102,7 +102,8 @@ class LoraLinear(nn.Module):
         if self.disabled:
             return y
         h = self.dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(h)) * self.scale).to(y.dtype)
+        # scale the rank-r intermediate, not the full-width output: r/out_features the work
+        return y + self.lora_B(self.lora_A(h) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -145,24 +145,36 @@ def read_split(config: FinetuneConfig, read: Callable[[str, bool], tuple[list[T]
     return train_items, val_items, report
 
 
-def check_rendered(config: FinetuneConfig, train: Sequence[Any], val: Sequence[Any],
-                   train_report: Any, val_report: Any) -> None:
-    """Refuse data with nothing left to learn (or to hold out) after rendering."""
+def rendered_split(config: FinetuneConfig, base: Base,
+                   read: Callable[[str, bool], tuple[list[Any], list[Skipped]]],
+                   render: Callable[[Any, list[Any], int], tuple[list[T], Any]], what: str
+                   ) -> tuple[list[T], list[T], dict[str, Any]]:
+    """Train and held-out items read (:func:`read_split`) and rendered for ``base`` (cut to its
+    ``seq_len``), with a report of what was skipped, cut and dropped; refuses data with nothing
+    left to learn (or to hold out)."""
+    train_rows, val_rows, report = read_split(config, read)
+    train, train_report = render(base.tokenizer, train_rows, base.seq_len)
+    val, val_report = render(base.tokenizer, val_rows, base.seq_len)
+    log.info("%s: train %s; held out %s", what, train_report, val_report)
     if not train or not val:
         raise InputError(f"data: nothing to learn from {config.data} after rendering (train: "
                          f"{train_report}; held out: {val_report}); check that the rows have "
                          "assistant replies and fit in --seq-len")
+    return train, val, {**report, "train_rendered": vars(train_report),
+                        "val_rendered": vars(val_report)}
 
 
-def run_info(config: FinetuneConfig, base: Base, method: str) -> RunInfo:
-    """The run's record: the config (paths resolved), the method, the base model and LoRA."""
+def run_info(config: FinetuneConfig, base: Base, method: str, report: dict[str, Any]
+             ) -> RunInfo:
+    """The run's record: the config (paths resolved), the method, the base model, LoRA, and
+    what was made of the data (``report``)."""
     loaded = base.loaded
     record = {**to_dict(config), "method": method,
               "checkpoint": str(Path(config.checkpoint).resolve()),
               "out": str(Path(config.out).resolve()),
               "base": {"source": str(loaded.source.resolve()), "kind": loaded.kind,
                        "quantization": loaded.quantization, "described": loaded.describe()},
-              "lora": asdict(base.lora) if base.lora else None}
+              "lora": asdict(base.lora) if base.lora else None, "data_report": report}
     for name in ("data", "val_data"):
         value = getattr(config, name)
         if value and not value.startswith("builtin:"):
@@ -198,8 +210,12 @@ def reference_for(base: Base, adapters_off: bool) -> Reference:
     return copied
 
 
-def finish(base: Base, config: FinetuneConfig, env: DistEnv) -> Path | None:
-    """After a LoRA run: the adapters alone, as a small file in the run directory."""
-    if base.lora is None or not env.is_main:
-        return None
-    return save_adapter(unwrap(base.model), base.lora, RunDir(config.out).path / ADAPTER_FILE)
+def finish(base: Base, config: FinetuneConfig, env: DistEnv, summary: dict[str, Any],
+           report: dict[str, Any]) -> dict[str, Any]:
+    """After the loop: a LoRA run's adapters alone, as a small file in the run directory; the
+    figures to return (the loop's summary, the data report, the adapter's path)."""
+    out = {**summary, **report}
+    if base.lora is not None and env.is_main:
+        out["adapter"] = str(save_adapter(unwrap(base.model), base.lora,
+                                          RunDir(config.out).path / ADAPTER_FILE))
+    return out

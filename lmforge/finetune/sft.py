@@ -17,17 +17,17 @@ from lmforge.data.chat_batches import (
     IGNORE,
     Example,
     SFTBatches,
+    count_tokens,
     pad_id_of,
     pad_rows,
     render_examples,
 )
 from lmforge.finetune.config import SFTConfig
 from lmforge.finetune.run import (
-    check_rendered,
     conversation_rows,
     finish,
     open_base,
-    read_split,
+    rendered_split,
     run_info,
 )
 from lmforge.inference import SamplingParams
@@ -80,11 +80,8 @@ def finetune_sft(config: SFTConfig) -> dict[str, Any]:
     try:
         base = open_base(config, env)
         tok = base.tokenizer
-        train_rows, val_rows, report = read_split(config, conversation_rows)
-        train_examples, rendered = render_examples(tok, train_rows, base.seq_len)
-        val_examples, val_rendered = render_examples(tok, val_rows, base.seq_len)
-        log.info("conversations: train %s; held out %s", rendered, val_rendered)
-        check_rendered(config, train_examples, val_examples, rendered, val_rendered)
+        train_examples, val_examples, report = rendered_split(
+            config, base, conversation_rows, render_examples, "conversations")
         pad = pad_id_of(tok)
         batches = SFTBatches(train_examples, config.batch_size, base.seq_len, config.seed, pad,
                              env.rank, env.world_size, env.device)
@@ -100,15 +97,12 @@ def finetune_sft(config: SFTConfig) -> dict[str, Any]:
             return f"user: {config.sample_prompt}\nassistant: " + chat_reply(
                 m, tok, config.sample_prompt, params)
 
-        info = run_info(config, base, "sft")
-        info.config["data_report"] = {**report, "train_rendered": vars(rendered),
-                                      "val_rendered": vars(val_rendered)}
+        info = run_info(config, base, "sft", report)
         summary = fit(base.model, optimizer, batches, assistant_loss, config, env, info,
                       batch_size=config.batch_size, seq_len=base.seq_len, evaluate=evaluate,
-                      sample=sample if config.sample_prompt and config.sample_tokens else None)
-        adapter = finish(base, config, env)
-        return {**summary, **info.config["data_report"],
-                **({"adapter": str(adapter)} if adapter else {})}
+                      sample=sample if config.sample_prompt and config.sample_tokens else None,
+                      count_tokens=lambda batch: count_tokens(batch, pad).real)
+        return finish(base, config, env, summary, report)
     finally:
         shutdown_distributed(env)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmforge.config import check_at_least, option
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def serve(config: ServeConfig) -> None:
     from lmforge.loading import open_model
     from lmforge.serve.app import ServerSettings, create_app
 
+    if not Path(config.checkpoint).exists():  # fail now, not after the server started
+        raise InputError(f"{config.checkpoint}: no such run directory, checkpoint, quantized "
+                         "file or Hugging Face directory")
     threads = torch_threads(config.threads)
     torch.set_num_threads(threads)
     device = resolve_device(config.device)

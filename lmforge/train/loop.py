@@ -208,13 +208,15 @@ def _stop_requests() -> Iterator[dict[str, str]]:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
         config: LoopConfig, env: DistEnv, info: RunInfo, *, batch_size: int, seq_len: int,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-        sample: Callable[[nn.Module, int], str] | None = None) -> dict[str, Any]:
+        sample: Callable[[nn.Module, int], str] | None = None,
+        count_tokens: Callable[[Any], int] | None = None) -> dict[str, Any]:
     """Train ``model`` (placed with :func:`place`) on ``batches`` under ``loss_fn`` until
     ``config.max_steps`` or the time budget; returns the final figures (also the last line of
     ``metrics.jsonl``). ``evaluate(model)`` gives validation figures (``val_loss`` ranks the
     checkpoints); ``sample(model, step)`` a text written to ``samples.txt`` at each
     evaluation. ``batch_size`` × ``seq_len`` (a micro-batch's shape) count the throughput and,
-    with the model's FLOPs per token, the MFU."""
+    with the model's FLOPs per token, the MFU — or ``count_tokens(batch)``, for batches that are
+    padded (fine-tuning: the real tokens of each batch)."""
     run = RunDir(config.out)
     state = _State(model, optimizer, batches, config, info)
     checkpoints = Checkpoints(run, config.keep_last)
@@ -223,19 +225,20 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, lo
     _prepare_run_dir(run, state, config, env)
     with _stop_requests() as stop:
         return _loop(state, loss_fn, config, env, run, checkpoints, stop, batch_size * seq_len,
-                     state.info.model_config.flops_per_token(seq_len), evaluate, sample)
+                     state.info.model_config.flops_per_token(seq_len), evaluate, sample,
+                     count_tokens)
 
 
 def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run: RunDir,
           checkpoints: Checkpoints, stop: dict[str, str], tokens_per_batch: int,
           flops_per_token: int, evaluate: Callable[[nn.Module], dict[str, float]] | None,
-          sample: Callable[[nn.Module, int], str] | None) -> dict[str, Any]:
+          sample: Callable[[nn.Module, int], str] | None,
+          count_tokens: Callable[[Any], int] | None) -> dict[str, Any]:
     start_step = state.step
     metrics = MetricsLog(run.path, config.tensorboard) if env.is_main else None
     compiled = torch.compile(state.model) if config.compile else state.model
     autocast = autocast_for(config, env)
     peak = _peak_flops(config, env)
-    tokens_per_step = tokens_per_batch * config.grad_accum * env.world_size
     spike_cfg = state.detector.config
     val: dict[str, float] = {}
 
@@ -295,8 +298,10 @@ def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run:
         # not one per micro-step
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         figures: dict[str, float] = {}  # the objective's own, averaged over micro-steps
+        tokens = 0
         for micro in range(config.grad_accum):
             batch = state.batches.next_batch()
+            tokens += count_tokens(batch) if count_tokens else tokens_per_batch
             # DDP: all-reduce gradients only on the last micro-step.
             sync = (state.model.no_sync() if hasattr(state.model, "no_sync")
                     and micro < config.grad_accum - 1 else contextlib.nullcontext())
@@ -327,7 +332,7 @@ def _loop(state: _State, loss_fn: LossFn, config: LoopConfig, env: DistEnv, run:
 
         state.step += 1
         dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
+        tps = tokens * env.world_size / dt
         record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tps, **figures}
         if peak:
