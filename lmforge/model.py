@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -289,13 +290,16 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor | None = None,
+                reduction: Literal["mean", "none"] = "mean") -> Tensor:
         """Logits (B, T, vocab_size) for int64 ids (B, T), T ≤ config.context; position t only
         sees ids[:, :t+1]. Under autocast the logits come out in the autocast dtype.
 
         With ``targets`` (B, T) it returns the mean next-token cross-entropy instead (equal to
         ``lm_loss(model(ids), targets)``), computed chunk by chunk without materializing the
-        logits — the training path. It stays inside ``forward`` so that DDP/FSDP hooks run."""
+        logits — the training path. It stays inside ``forward`` so that DDP/FSDP hooks run.
+        With ``reduction="none"``: each position's cross-entropy (B, T), float32, 0 where the
+        target is -100 — only the scored positions go through the LM head (DPO, GRPO)."""
         if ids.shape[1] > self.config.context:
             raise InputError(f"sequence length {ids.shape[1]} exceeds the model's context "
                              f"{self.config.context}")
@@ -305,6 +309,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         h = self.norm(x)  # (B, T, d_model)
+        if targets is not None and reduction == "none":
+            scored = targets != -100
+            nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+            nll[scored] = F.cross_entropy(self.lm_head(h[scored]).float(), targets[scored],
+                                          reduction="none")
+            return nll
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return self.lm_head(h)  # (B, T, vocab_size)

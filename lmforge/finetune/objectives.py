@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import InputError
+from lmforge.model import Transformer
+from lmforge.train.distributed import unwrap
 
 IGNORE_INDEX = -100  # target value of positions that are not scored (as in lm_loss, HF, TRL)
 
@@ -38,14 +40,18 @@ def token_logprobs(model: Callable[[Tensor], Tensor], ids: Tensor, targets: Tens
     """log p(targets[b, t] | ids[b, :t+1]) for every position, (B, T) float32; 0 where the
     target is ``-100``.
 
-    ``model(ids)`` must return next-token logits (B, T, V) — :class:`lmforge.model.Transformer`
-    does; wrap a Hugging Face model as ``lambda x: hf(x).logits``. The log-softmax and gather are
+    ``model(ids)`` must return next-token logits (B, T, V) — wrap a Hugging Face model as
+    ``lambda x: hf(x).logits``; a :class:`lmforge.model.Transformer` (or its DDP wrapper) is
+    asked for the scored positions' cross-entropy instead, so prompt and padding positions
+    never go through the LM head. The log-softmax and gather are
     fused in ``F.cross_entropy(reduction="none")`` and run in float32 whatever the logits' dtype
     (bf16 log-probs summed over hundreds of tokens lose the small differences DPO feeds on).
     """
     if ids.dim() != 2 or ids.shape != targets.shape:
         raise InputError(f"ids and targets must both be (B, T); got {tuple(ids.shape)} and "
                          f"{tuple(targets.shape)}")
+    if isinstance(unwrap(model), Transformer):  # only the scored positions reach the LM head
+        return -model(ids, targets, reduction="none")
     logits = model(ids)  # (B, T, V)
     B, T, V = logits.shape
     rows = max(1, _CHUNK_ELEMENTS // (T * V))
