@@ -85,9 +85,10 @@ def create_app(settings: ServerSettings, loader: Loader) -> FastAPI:
                                         vocab_size=tokenizer.vocab_size,
                                         observer=state.metrics).start()
             state.tokenizer = tokenizer
-        except (LmforgeError, OSError) as e:
-            state.error = str(e)
-            log.error("could not load the model: %s", e)
+        except Exception as e:  # whatever it is, /health and every request must say so
+            state.error = str(e) if isinstance(e, LmforgeError | OSError) else \
+                f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", state.error)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -111,12 +112,7 @@ def create_app(settings: ServerSettings, loader: Loader) -> FastAPI:
         return JSONResponse(error_body("internal server error", "server_error"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=state.metrics)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -151,6 +147,28 @@ def create_app(settings: ServerSettings, loader: Loader) -> FastAPI:
         return await _chat(request, state, body)
 
     return app
+
+
+class _CountRequests:
+    """Counts /v1 requests by endpoint and status. Plain ASGI, not ``BaseHTTPMiddleware``:
+    that one hides the client's disconnect from ``request.is_disconnected()``, which is how a
+    non-streaming request learns that its client left."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -193,7 +211,11 @@ async def _parse(request: Request, state: _State, model: type[BaseModel]) -> Any
         body = model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # the field as the client wrote it: list indices kept, pydantic's union tags dropped
+        loc = first["loc"]
+        param = ".".join(str(p) for p in loc[:1] + tuple(
+            p for p in loc[1:] if isinstance(p, int) or p in ("role", "content", "name",
+                                                             "include_usage"))) or None
         what = ("unrecognized request argument" if first["type"] == "extra_forbidden"
                 else first["msg"])
         raise ApiError(400, f"{param}: {what}" if param else what, param=param) from None
@@ -201,6 +223,20 @@ async def _parse(request: Request, state: _State, model: type[BaseModel]) -> Any
         raise ApiError(400, f"model {body.model!r} is not served here; this server serves "
                             f"{settings.model_name!r}", param="model", code="model_not_found")
     return body
+
+
+def _check_prompt(scheduler: Scheduler, ids: list[int], param: str) -> None:
+    """A prompt the model can continue: non-empty, known token ids, shorter than the context."""
+    vocab = scheduler.vocab_size or scheduler.model.config.vocab_size
+    if not ids:
+        raise ApiError(400, f"{param}: empty; give at least one token", param=param)
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"{param}: token ids must be in 0 .. {vocab - 1}", param=param,
+                       code="invalid_token_id")
+    if len(ids) >= scheduler.context:
+        raise ApiError(400, f"this model's context is {scheduler.context} tokens and the "
+                            f"{param} has {len(ids)}: it must leave room for one new token",
+                       param=param, code="context_length_exceeded")
 
 
 def _params(body: Sampling, prompt_len: int, context: int, index: int) -> SamplingParams:
@@ -238,8 +274,8 @@ def _submit(request: Request, state: _State, prompt: list[int], params: Sampling
                                         loop=asyncio.get_running_loop())
     except QueueFull as e:
         raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
-    except InputError as e:
-        raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+    except InputError as e:  # checked before: only a direct caller gets here
+        raise ApiError(400, str(e), param="prompt") from None
     state.metrics.prompt_tokens.inc(len(prompt))
     return _Choice(index, stream, TextStream(state.tokenizer, stop))
 
@@ -280,8 +316,8 @@ async def _events(state: _State, choices: list[_Choice]
                     choice.finish_reason = "stop"
                 await queue.put((choice, text, False))
             else:
-                if choice.finish_reason is None:
-                    choice.finish_reason = {"stop": "stop", "length": "length"}.get(
+                if choice.finish_reason is None:  # "cancelled": the client left
+                    choice.finish_reason = {"length": "length", "error": "error"}.get(
                         event.finish_reason or "", "stop")
                 await queue.put((choice, choice.text.finish(), True))
 
@@ -323,6 +359,15 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+GENERATION_FAILED = ApiError(500, "generation failed (a server error, logged there)",
+                             "server_error")
+
+
+def _check_generated(choices: list[_Choice]) -> None:
+    if any(c.finish_reason == "error" for c in choices):
+        raise GENERATION_FAILED
+
+
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
     completion = sum(len(c.stream.tokens) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -341,11 +386,7 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
     prompts = []
     for p in body.prompts():
         ids = tok.encode(p) if isinstance(p, str) else p
-        try:
-            scheduler.check_prompt(ids)
-        except InputError as e:
-            raise ApiError(400, str(e), param="prompt",
-                           code="context_length_exceeded") from None
+        _check_prompt(scheduler, ids, "prompt")
         prompts.append(ids)
     stop_ids = tuple(tok.special_tokens[s] for s in (ENDOFTEXT,) if s in tok.special_tokens)
     wanted = [(i * body.n + j, ids, _params(body, len(ids), scheduler.context, j))
@@ -366,6 +407,9 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
                     yield _sse({**head, "choices": [{"text": echo, "index": index,
                                                      "logprobs": None, "finish_reason": None}]})
             async for choice, text, done in _events(state, choices):
+                if done and choice.finish_reason == "error":
+                    yield _sse(GENERATION_FAILED.body)
+                    continue
                 yield _sse({**head, "choices": [{
                     "text": text, "index": choice.index, "logprobs": None,
                     "finish_reason": choice.finish_reason if done else None}]})
@@ -376,6 +420,7 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
         return StreamingResponse(frames(), media_type="text/event-stream")
 
     texts = await _collect(request, state, choices)
+    _check_generated(choices)
     by_index = {c.index: c for c in choices}
     out = []
     for index, echo in echoes.items():
@@ -397,6 +442,8 @@ async def _logprobs(state: _State, prompt: list[int], choice: _Choice | None,
     assert state.scheduler is not None and state.tokenizer is not None
     tok = state.tokenizer
     generated = list(choice.stream.tokens) if choice else []
+    if choice and choice.stream.stop_token is not None:  # the token it drew to end, as OpenAI
+        generated.append(choice.stream.stop_token)
     ids = prompt + generated
     if len(ids) > state.scheduler.context:
         ids = ids[:state.scheduler.context]
@@ -429,11 +476,8 @@ async def _logprobs(state: _State, prompt: list[int], choice: _Choice | None,
 async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
     tok, scheduler = state.tokenizer, state.scheduler
     assert tok is not None and scheduler is not None
-    try:
-        prompt = render_chat(tok, [Message(m.role, m.content) for m in body.messages])
-        scheduler.check_prompt(prompt)
-    except InputError as e:
-        raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+    prompt = render_chat(tok, [Message(m.role, m.content) for m in body.messages])
+    _check_prompt(scheduler, prompt, "messages")
     stop_ids = tuple(tok.special_tokens[s] for s in (END, ENDOFTEXT) if s in tok.special_tokens)
     choices = _submit_all(request, state, [(j, prompt, _params(body, len(prompt),
                                                                 scheduler.context, j))
@@ -452,7 +496,9 @@ async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
                     yield _sse({**head, "choices": [{"index": choice.index,
                                                      "delta": {"content": text},
                                                      "finish_reason": None}]})
-                if done:
+                if done and choice.finish_reason == "error":
+                    yield _sse(GENERATION_FAILED.body)
+                elif done:
                     yield _sse({**head, "choices": [{"index": choice.index, "delta": {},
                                                      "finish_reason": choice.finish_reason}]})
             if body.stream_options and body.stream_options.include_usage:
@@ -462,6 +508,7 @@ async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
         return StreamingResponse(frames(), media_type="text/event-stream")
 
     texts = await _collect(request, state, choices)
+    _check_generated(choices)
     return JSONResponse({**head, "object": "chat.completion", "choices": [
         {"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
          "finish_reason": c.finish_reason} for c in choices],

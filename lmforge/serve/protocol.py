@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI: up to 4 stop sequences
+MAX_SEED = 2**63 - 1 - 16  # torch generators take seeds below 2**64; n ≤ 16 adds up to 15
 
 
 class StreamOptions(BaseModel):
@@ -33,7 +34,7 @@ class Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=1)  # extra: keep the k most likely tokens
     repetition_penalty: float = Field(default=1.0, gt=0.0)  # extra: CTRL's penalty
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # choice j draws with seed + j
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

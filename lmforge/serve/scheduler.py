@@ -69,6 +69,7 @@ class Stream:
         self.prompt, self.params, self.stop_ids = prompt, params, frozenset(stop_ids)
         self.submitted = time.perf_counter()
         self.tokens: list[int] = []
+        self.stop_token: int | None = None  # the stop id that ended it (not in ``tokens``)
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self._events: collections.deque[Event] = collections.deque()
@@ -270,7 +271,13 @@ class Scheduler:
             if stream.cancelled:
                 stream._finish("cancelled")
                 continue
-            self._admit(stream)
+            try:
+                self._admit(stream)
+            except Exception:  # this request's fault or not, it alone ends: the others go on
+                log.exception("admitting a request failed")
+                if self.rows and self.rows[-1].stream is stream:
+                    self.rows.pop()
+                stream._finish("error")
         if self.rows:
             self._decode()
 
@@ -318,6 +325,7 @@ class Scheduler:
                     if params.repetition_penalty != 1.0 and row.stream.tokens else None)
         token = int(sample(logits[None], params, row.generator, previous, self.vocab_size)[0])
         if token in row.stream.stop_ids:
+            row.stream.stop_token = token
             self._free(slot, "stop")
             return
         row.stream._emit(token)

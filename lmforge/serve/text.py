@@ -2,9 +2,9 @@
 
 A token can end in the middle of a UTF-8 character, and a stop string can span tokens, so text
 is released only once it is final: complete characters, and not a prefix of a stop string that
-the next tokens might complete. The text of a token stream is the decoding of all its bytes, so
-what is released, concatenated, equals ``tokenizer.decode(tokens)`` cut at the first stop
-string.
+the next tokens might complete. The text of a token stream is the decoding of all its bytes
+(special tokens left out), so what is released, concatenated, equals the decoding of its
+ordinary tokens cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self._bytes = bytearray()
+        self._special = frozenset(tokenizer.special_tokens.values())
         self.released = ""  # text given out so far
         self.stopped = False
 
     def feed(self, token: int) -> str:
-        """The text that became final with ``token`` (possibly empty)."""
-        self._bytes += self.tokenizer.decode_bytes([token])
+        """The text that became final with ``token`` (possibly empty). Special tokens (role
+        markers, ``<|end|>``) are control, not text: they add nothing, as in vLLM's default."""
+        if token not in self._special:
+            self._bytes += self.tokenizer.decode_bytes([token])
         return self._release(final=False)
 
     def finish(self) -> str:
