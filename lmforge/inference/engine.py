@@ -95,13 +95,15 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
 
 
 def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor],
-                  valid: Tensor, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+                  valid: Tensor, ids: Tensor, positions: Tensor, slots: Tensor,
+                  logits_at: Tensor | None = None) -> Tensor:
     """Logits (B, T, vocab) for ids (B, T) written to the cache tensors given at ``slots`` —
     (T,), the same slots for every row, or (B, T), each row its own (a continuous-batching
     scheduler's rows are at different lengths) — with RoPE ``positions`` (B, T), negative for
     padding. Attention spans the cache tensors given (masked): under ``torch.compile`` the whole
     allocation, so every decode step has the same shapes and no Python value that changes from
-    step to step, which lets it capture the step once.
+    step to step, which lets it capture the step once. ``logits_at`` (B,): only the logits of
+    that position of each row, (B, 1, vocab) — a prefill needs no others.
     """
     per_row = slots.dim() == 2
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None]  # (B, 1)
@@ -128,6 +130,8 @@ def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Ten
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias,
                            k_cache, v_cache, rows if per_row else None, slots)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if logits_at is not None:
+        x = x[rows[:, 0], logits_at][:, None]  # (B, 1, d_model)
     return model.lm_head(model.norm(x))
 
 
@@ -207,10 +211,12 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if repetition_penalty != 1.0 and previous_tokens is not None and previous_tokens.numel():
         seen = logits.gather(1, previous_tokens)
         seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
-        logits = logits.scatter(1, previous_tokens, seen)
+        # a tiny penalty must not overflow float32 to ±inf (inf − inf is NaN below)
+        logits = logits.scatter(1, previous_tokens, seen.clamp(-1e30, 1e30))
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted so the largest is 0 first: a tiny temperature then gives −inf, never +inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         # scatter the top-k indices rather than threshold at the k-th value: ties at the
         # threshold would keep more than k tokens.

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from lmforge.errors import InputError, LmforgeError
 from lmforge.inference import SamplingParams
@@ -195,10 +196,13 @@ async def _parse(request: Request, state: _State, model: type[BaseModel]) -> Any
     if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > settings.max_body_bytes:
-            raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > settings.max_body_bytes:
+                raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
+    except ClientDisconnect:  # nobody is left to answer: no error of ours
+        raise ApiError(400, "the client disconnected while sending the request") from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -355,6 +359,23 @@ async def _collect(request: Request, state: _State, choices: list[_Choice]) -> d
     return texts
 
 
+class _EventStream(StreamingResponse):
+    """Server-Sent Events whose requests are cancelled however the response ends — also when
+    the client leaves while a send is blocked, which cancels the response outside the frame
+    generator and would leave its own clean-up to the garbage collector."""
+
+    def __init__(self, frames: AsyncIterator[str], choices: list[_Choice]) -> None:
+        super().__init__(frames, media_type="text/event-stream")
+        self.choices = choices
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for c in self.choices:
+                c.stream.cancel()
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -417,7 +438,7 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(frames(), media_type="text/event-stream")
+        return _EventStream(frames(), choices)
 
     texts = await _collect(request, state, choices)
     _check_generated(choices)
@@ -505,7 +526,7 @@ async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
                 yield _sse({**head, "choices": [], "usage": _usage(len(prompt), choices)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(frames(), media_type="text/event-stream")
+        return _EventStream(frames(), choices)
 
     texts = await _collect(request, state, choices)
     _check_generated(choices)

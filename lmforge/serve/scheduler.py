@@ -2,10 +2,11 @@
 
 Each step the scheduler thread (1) runs queued scoring jobs, (2) frees the slots of cancelled
 requests, (3) admits queued requests into free slots of one preallocated multi-slot KV cache —
-a prefill of the prompt alone, into its slot — and (4) decodes one token for every active slot
-in one batched forward, each row at its own position. A request leaves at its own stop condition
-and frees its slot at once. Active requests always occupy slots 0..A-1 (a freed slot takes the
-last active row's cache), so a decode step reads a contiguous prefix of the cache.
+their prompts prefilled together, each into its own slot, padding masked — and (4) decodes one
+token for every active slot in one batched forward, each row at its own position. A request
+leaves at its own stop condition and frees its slot at once. Active requests always occupy slots
+0..A-1 (a freed slot takes the last active row's cache), so a decode step reads a contiguous
+prefix of the cache.
 
 Every request samples with its own generator, seeded by its own seed, and a row's computation
 never mixes with its neighbours' (attention is masked per row), so a request's tokens do not
@@ -263,44 +264,65 @@ class Scheduler:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].stream.cancelled:
                 self._free(i, "cancelled")
-        while len(self.rows) < self.max_batch:
+        admitted: list[Stream] = []
+        while len(self.rows) + len(admitted) < self.max_batch:
             with self._lock:
                 if not self.queue:
                     break
                 stream = self.queue.popleft()
             if stream.cancelled:
                 stream._finish("cancelled")
-                continue
-            try:
-                self._admit(stream)
-            except Exception:  # this request's fault or not, it alone ends: the others go on
-                log.exception("admitting a request failed")
-                if self.rows and self.rows[-1].stream is stream:
-                    self.rows.pop()
-                stream._finish("error")
+            else:
+                admitted.append(stream)
+        if admitted:
+            self._admit(admitted)
         if self.rows:
             self._decode()
 
-    def _admit(self, stream: Stream) -> None:
-        """Prefill ``stream``'s prompt into the next free slot and draw its first token."""
-        slot, T = len(self.rows), len(stream.prompt)
-        self.cache.valid[slot] = False
-        ids = torch.tensor([stream.prompt], device=self.device)
-        positions = torch.arange(T, device=self.device)
-        logits = forward_slots(self.model, [k[slot:slot + 1, :, :T] for k in self.cache.k],
-                               [v[slot:slot + 1, :, :T] for v in self.cache.v],
-                               self.cache.valid[slot:slot + 1, :T], ids, positions[None],
-                               positions)[:, -1]
-        params = stream.params
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
-        row = _Row(stream, generator, T, min(params.max_new_tokens, self.context - T))
-        self.rows.append(row)
-        if row.max_new <= 0:
-            self._free(slot, "length")
+    def _admit(self, streams: list[Stream]) -> None:
+        """Prefill the prompts of ``streams`` together, each into the next free slot (padded to
+        the longest; padding is masked out), and draw their first tokens."""
+        rows = []
+        for stream in streams:
+            params = stream.params
+            try:  # a seed torch refuses ends its own request only
+                generator = (torch.Generator(self.device).manual_seed(params.seed)
+                             if params.temperature > 0 else None)
+            except (RuntimeError, ValueError, OverflowError):
+                log.exception("a request's sampling generator could not be seeded")
+                stream._finish("error")
+                continue
+            T = len(stream.prompt)
+            rows.append(_Row(stream, generator, T, min(params.max_new_tokens, self.context - T)))
+        if not rows:
             return
-        self._take(slot, logits[0])
+        first, k = len(self.rows), len(rows)
+        longest = max(r.length for r in rows)
+        ids = torch.zeros(k, longest, dtype=torch.long, device=self.device)
+        positions = torch.arange(longest, device=self.device).repeat(k, 1)  # (k, T)
+        for i, r in enumerate(rows):
+            ids[i, :r.length] = torch.tensor(r.stream.prompt, device=self.device)
+            positions[i, r.length:] = -1  # padding: masked, and overwritten by later tokens
+        span = slice(first, first + k)
+        self.cache.valid[span] = False
+        try:
+            logits = forward_slots(self.model, [c[span, :, :longest] for c in self.cache.k],
+                                   [c[span, :, :longest] for c in self.cache.v],
+                                   self.cache.valid[span, :longest], ids, positions,
+                                   torch.arange(longest, device=self.device),
+                                   logits_at=torch.tensor([r.length - 1 for r in rows],
+                                                          device=self.device))[:, 0]
+        except Exception:
+            log.exception("a prefill failed")
+            for r in rows:
+                r.stream._finish("error")
+            return
+        self.rows.extend(rows)
+        for i in reversed(range(k)):  # back to front: freeing moves the last row into slot i
+            if rows[i].max_new <= 0:
+                self._free(first + i, "length")
+            else:
+                self._take(first + i, logits[i])
 
     def _decode(self) -> None:
         """One token for every active row, in one forward over slots 0..A-1."""
@@ -317,6 +339,15 @@ class Scheduler:
             self._take(i, logits[i])
 
     def _take(self, slot: int, logits: Tensor) -> None:
+        """:meth:`_draw`, but a failure (a bug, or a request's settings that the sampler
+        cannot handle) ends that request alone, with an error."""
+        try:
+            self._draw(slot, logits)
+        except Exception:
+            log.exception("sampling a request's next token failed")
+            self._free(slot, "error")
+
+    def _draw(self, slot: int, logits: Tensor) -> None:
         """Draw row ``slot``'s next token from its logits (vocab,), emit it, end the row on a
         stop id or its length limit."""
         row = self.rows[slot]
