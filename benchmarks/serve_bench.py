@@ -27,12 +27,14 @@ the server but not its GIL (in the same process they cut the 8-client throughput
    scheduler thread starts, which takes it up then; the table shows what that thread ran with).
 
 The main runs use ``--threads`` (default: what ``lmforge serve`` picks, the cores minus one).
+``--dtype bf16`` runs both sides in bf16 (on CPUs with AMX or AVX512-BF16 a batch of rows costs
+little more than one row there, so decode stays bound by reading the weights).
 The load average before and after is printed: on a shared machine other jobs move every figure.
 
     python benchmarks/serve_bench.py [--tokenizer runs/quickstart/tokenizer.lmforge.json]
         [--levels 1 4 8 16] [--requests-per-client 6] [--max-tokens 64] [--prompt-tokens 32]
         [--ttft-requests 32] [--ttft-clients 8] [--threads 0] [--thread-counts 1 2]
-        [--repeats 2] [--max-batch 16]
+        [--repeats 2] [--max-batch 16] [--dtype fp32]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import TypeVar
 import httpx
 import torch
 
+from lmforge.hardware import DTYPES
 from lmforge.inference import SamplingParams, generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServerSettings
@@ -204,6 +207,9 @@ def main() -> None:
                         help="runs of each thread count, alternating (best reported)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's KV-cache slots")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="weights of both sides (bf16: AMX/AVX512-BF16 matmuls where the "
+                             "CPU has them; `lmforge serve --dtype bf16`)")
     args = parser.parse_args()
 
     tok = Tokenizer.load(args.tokenizer)
@@ -211,7 +217,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     config = ModelConfig.from_preset("tinystories-17m",
                                      vocab_size=padded_vocab(tok.vocab_size, 10_000))
-    model = Transformer(config).eval()
+    model = Transformer(config).eval().to(DTYPES[args.dtype])
     probe = ThreadProbe(model)
     rng = random.Random(args.seed)
     ordinary = [i for i in range(tok.vocab_size) if i not in tok.special_tokens.values()]
@@ -224,7 +230,7 @@ def main() -> None:
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, os.cpu_count() "
           f"{os.cpu_count()}; torch {torch.__version__}, {threads} intra-op thread(s); model "
           f"tinystories-17m shape, {config.num_params() / 1e6:.1f}M params, vocab "
-          f"{config.vocab_size} (tokenizer {tok.vocab_size}), fp32, random init; "
+          f"{config.vocab_size} (tokenizer {tok.vocab_size}), {args.dtype}, random init; "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} new tokens (greedy); server "
           f"max_batch {args.max_batch}", flush=True)
 
