@@ -270,8 +270,8 @@ class _Choice:
     finish_reason: str | None = None
 
 
-def _submit(request: Request, state: _State, prompt: list[int], params: SamplingParams,
-            stop: list[str], stop_ids: tuple[int, ...], index: int) -> _Choice:
+def _submit(state: _State, prompt: list[int], params: SamplingParams, stop: list[str],
+            stop_ids: tuple[int, ...], index: int) -> _Choice:
     assert state.scheduler is not None and state.tokenizer is not None
     try:
         stream = state.scheduler.submit(prompt, params, stop_ids,
@@ -284,14 +284,13 @@ def _submit(request: Request, state: _State, prompt: list[int], params: Sampling
     return _Choice(index, stream, TextStream(state.tokenizer, stop))
 
 
-def _submit_all(request: Request, state: _State,
-                wanted: list[tuple[int, list[int], SamplingParams]], stop: list[str],
-                stop_ids: tuple[int, ...]) -> list[_Choice]:
+def _submit_all(state: _State, wanted: list[tuple[int, list[int], SamplingParams]],
+                stop: list[str], stop_ids: tuple[int, ...]) -> list[_Choice]:
     """Submit every choice of a request, or none: a refusal cancels those already queued."""
     choices: list[_Choice] = []
     try:
         for index, prompt, params in wanted:
-            choices.append(_submit(request, state, prompt, params, stop, stop_ids, index))
+            choices.append(_submit(state, prompt, params, stop, stop_ids, index))
     except ApiError:
         for c in choices:
             c.stream.cancel()
@@ -412,8 +411,8 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
     stop_ids = tuple(tok.special_tokens[s] for s in (ENDOFTEXT,) if s in tok.special_tokens)
     wanted = [(i * body.n + j, ids, _params(body, len(ids), scheduler.context, j))
               for i, ids in enumerate(prompts) for j in range(body.n)]
-    choices = _submit_all(request, state, [(index, ids, params) for index, ids, params in wanted
-                                           if params.max_new_tokens], body.stop, stop_ids)
+    choices = _submit_all(state, [w for w in wanted if w[2].max_new_tokens], body.stop,
+                          stop_ids)
     prompt_tokens = sum(len(p) for p in prompts)
     echoes = {i * body.n + j: tok.decode(p) if body.echo else ""
               for i, p in enumerate(prompts) for j in range(body.n)}
@@ -500,9 +499,9 @@ async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
     prompt = render_chat(tok, [Message(m.role, m.content) for m in body.messages])
     _check_prompt(scheduler, prompt, "messages")
     stop_ids = tuple(tok.special_tokens[s] for s in (END, ENDOFTEXT) if s in tok.special_tokens)
-    choices = _submit_all(request, state, [(j, prompt, _params(body, len(prompt),
-                                                                scheduler.context, j))
-                                           for j in range(body.n)], body.stop, stop_ids)
+    wanted = [(j, prompt, _params(body, len(prompt), scheduler.context, j))
+              for j in range(body.n)]
+    choices = _submit_all(state, wanted, body.stop, stop_ids)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": state.settings.model_name}
