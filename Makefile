@@ -14,7 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev,eval,finetune,serve]'
+	$(BIN)/pip install -q -e '.[dev,eval,finetune,serve,scale]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count, filterfalse, islice, repeat
 from operator import lt
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmforge.config import build, check_at_least, option
+from lmforge.data.langid import LanguageConfig, LanguageFilter
 from lmforge.errors import ConfigError
 
 
@@ -53,6 +54,7 @@ class FilterResult:
     keep: bool
     text: str  # the (possibly modified, e.g. by C4 line removal) text to pass on
     reason: str | None  # when dropped: "<filter name>:<rule>", e.g. "gopher_quality:min_words"
+    language: str | None = None  # set by the language filter: the detected ISO 639-1 code
 
 
 class DocumentFilter(Protocol):
@@ -486,6 +488,7 @@ FILTERS: dict[str, tuple[type, type]] = {
     "c4": (C4Filter, C4Config),
     "fineweb": (FineWebFilter, FineWebConfig),
     "code": (CodeFilter, CodeConfig),
+    "language": (LanguageFilter, LanguageConfig),  # in no preset: DataConfig.languages adds it
 }
 
 # Cheap, early-exiting filters first; C4 first of all, so that the others judge its cleaned text.
@@ -511,14 +514,15 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def build_filters(preset: str = "web", overrides: dict[str, dict[str, Any]] | None = None
-                  ) -> list[DocumentFilter]:
-    """Filters of a preset, in order; overrides maps filter name -> {field: value} (from YAML),
-    rejected with ConfigError naming the filter/field if unknown or invalid. Preset-specific
-    defaults (e.g. relaxed thresholds for code) are applied before overrides."""
+def build_filters(preset: str = "web", overrides: dict[str, dict[str, Any]] | None = None,
+                  first: Sequence[str] = ()) -> list[DocumentFilter]:
+    """Filters of a preset, in order, after the filters named in ``first`` (e.g. "language");
+    overrides maps filter name -> {field: value} (from YAML), rejected with ConfigError naming
+    the filter/field if unknown or invalid. Preset-specific defaults (e.g. relaxed thresholds for
+    code) are applied before overrides."""
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(map(repr, PRESETS))}")
-    names = PRESETS[preset]
+    names = (*first, *PRESETS[preset])
     overrides = overrides or {}
     for key, given in overrides.items():
         if key not in FILTERS:
@@ -541,11 +545,14 @@ def build_filters(preset: str = "web", overrides: dict[str, dict[str, Any]] | No
 
 
 def apply_filters(filters: Sequence[DocumentFilter], text: str) -> FilterResult:
-    """Run filters in order, passing modified text along; stop at the first drop."""
+    """Run filters in order, passing modified text along; stop at the first drop. The result
+    keeps the language detected by any filter on the way."""
     result = FilterResult(True, text, None)
+    language = None
     for f in filters:
         result = f(result.text)
+        language = result.language or language
         if not result.keep:
             break
-    return result
+    return result if result.language == language else replace(result, language=language)
 

@@ -4,7 +4,8 @@ Fields: ``format``/``version``; ``shards`` (``path`` relative to DIR, ``split``,
 ``documents``); ``num_tokens`` and ``num_documents`` per split and in total; ``dtype``;
 ``tokenizer`` (path, fingerprint, vocab size); ``stats`` (``input``: documents read, bytes replaced
 in invalid UTF-8, unreadable records; ``filters``: filter name → documents dropped; ``dedup``:
-``exact`` / ``near`` → documents removed); ``config``: the resolved pipeline config.
+``exact`` / ``near`` → documents removed; with PII masking ``pii``: type → replacements; with a
+language filter ``languages``: code → kept, dropped); ``config``: the resolved pipeline config.
 """
 
 from __future__ import annotations

@@ -35,9 +35,11 @@ import numpy as np
 from lmforge.config import build, check_at_least, option, to_dict
 from lmforge.data.builtin import hash_fraction, is_validation
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
-from lmforge.data.filters import apply_filters, build_filters
+from lmforge.data.filters import DocumentFilter, apply_filters, build_filters
 from lmforge.data.manifest import load_manifest, totals
 from lmforge.data.output import REJECTS, STAGE, claim, finished, publish
+from lmforge.data.pii import TYPES as PII_TYPES
+from lmforge.data.pii import mask_pii
 from lmforge.data.shards import Shard, token_dtype, write_shard
 from lmforge.data.sources import ReadOptions, documents, parse_spec
 from lmforge.errors import ConfigError, InputError
@@ -67,6 +69,12 @@ class DataConfig:
     separator: str | None = option(None, "split text files into documents at this string")
     preset: str = option("web", "quality filter preset: web, prose or code")
     filters: dict = option({}, "per-filter overrides, {filter: {field: value}} (YAML)")
+    languages: list[str] = option([], "keep only documents in these languages, ISO 639-1 codes "
+                                      "(e.g. en fr); runs the language filter before the preset's, "
+                                      "threshold in filters.language; empty: off")
+    mask_pii: bool = option(False, "replace e-mail addresses, phone numbers and IP addresses by "
+                                   "|||EMAIL_ADDRESS|||, |||PHONE_NUMBER|||, |||IP_ADDRESS||| "
+                                   "before filtering")
     dedup: dict = option({}, "dedup overrides: exact, near, ngram, bands, rows, seed (YAML)")
     val_fraction: float = option(0.01, "share of documents for validation (by document hash)")
     shard_tokens: int = option(1 << 24, "tokens per shard (shards hold whole documents)")
@@ -95,9 +103,22 @@ class DataConfig:
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank: {self.rank} is outside world_size {self.world_size}")
         check_at_least(self, 0, "workers")
-        build_filters(self.preset, self.filters)  # rejects an unknown preset, filter or field now
+        self.build_filters()  # rejects an unknown preset, filter, field or language now
         _ = self.dedup_config  # rejects bad dedup settings now
         _ = self.read_options  # rejects an empty field or separator now
+
+    def build_filters(self) -> list[DocumentFilter]:
+        """The filter chain: the language filter when ``languages`` is set, then the preset's."""
+        overrides = dict(self.filters)
+        if not self.languages:
+            if "language" in overrides:
+                raise ConfigError("filters.language: the language filter is off; set languages "
+                                  "(e.g. [en]) to turn it on")
+            return build_filters(self.preset, overrides)
+        given = overrides.get("language", {})
+        if isinstance(given, dict):  # else build_filters names the bad value
+            overrides["language"] = {**given, "keep": self.languages}
+        return build_filters(self.preset, overrides, first=("language",))
 
     @property
     def dedup_config(self) -> DedupConfig:
@@ -129,7 +150,7 @@ _W: dict[str, Any] = {}  # per-worker state, set by _init_worker
 
 def _init_worker(config: DataConfig, tok: Tokenizer, work: Path) -> None:
     dedup = config.dedup_config
-    _W.update(filters=build_filters(config.preset, config.filters), dedup=dedup,
+    _W.update(filters=config.build_filters(), mask_pii=config.mask_pii, dedup=dedup,
               hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT), work=work,
               rejects=config.rejects, quarantine=config.utf8_errors == "quarantine")
 
@@ -141,9 +162,14 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             return {key: z[key] for key in z.files}
-    reasons, kept_texts, rejected = [], [], []
+    reasons, languages, kept_texts, rejected = [], [], [], []
+    pii: Counter = Counter()
     for text, bad in zip(texts, replaced, strict=True):
         text = normalize(text)
+        language = None
+        if _W["mask_pii"]:
+            text, found = mask_pii(text)
+            pii.update(found)
         if not text.strip():
             reason = "empty:empty"
         elif bad and _W["quarantine"]:
@@ -151,7 +177,9 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
         else:
             result = apply_filters(_W["filters"], text)
             reason, text = (None, result.text) if result.keep else (result.reason, text)
+            language = result.language
         reasons.append(reason or "")
+        languages.append(language or "")
         if reason is None:
             kept_texts.append(text)
         elif _W["rejects"]:
@@ -159,6 +187,8 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
     tokens = _W["tok"].encode_batch(kept_texts, workers=1) if kept_texts else []
     out = {
         "reasons": np.array(reasons, dtype=str),
+        "languages": np.array(languages, dtype=str),  # "" where no language filter ran
+        "pii": np.array([pii[t] for t in PII_TYPES], dtype=np.int64),  # masked, per type
         "keys": np.frombuffer(b"".join(map(exact_key, kept_texts)), np.uint8).reshape(-1, 16),
         "signatures": _signatures(kept_texts),
         "lengths": np.array([len(t) + 1 for t in tokens], dtype=np.int64),
@@ -212,8 +242,10 @@ def _chunks(config: DataConfig, opts: ReadOptions, meta: list[_Doc], read: Count
 
 
 def _fingerprint(config: DataConfig, tok: Tokenizer) -> str:
+    # Options added later count only when set, so older outputs stay valid.
     relevant = {k: v for k, v in to_dict(config).items()
-                if k not in ("workers", "progress", "force")}
+                if k not in ("workers", "progress", "force")
+                and not (k in ("languages", "mask_pii") and not v)}
     relevant["tokenizer"] = tok.fingerprint
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -327,11 +359,32 @@ def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: 
     dtype = token_dtype(tok.vocab_size)
     shards = [s for split, docs in splits.items()
               for s in _write_shards(out, split, docs, dtype, config)]
+    stats: dict[str, Any] = {"filters": dict(filter_drops),
+                             "dedup": {"exact": exact, "near": near}}
+    if config.mask_pii:
+        found = sum((r["pii"] for r in results), np.zeros(len(PII_TYPES), np.int64))
+        stats["pii"] = dict(zip(PII_TYPES, map(int, found), strict=True))
+    if config.languages:
+        stats["languages"] = _language_counts(results, reasons)
     return {"shards": shards, **totals(shards), "dtype": dtype.name,
             "tokenizer": {"path": str(Path(config.tokenizer).resolve()),
                           "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
-            "stats": {"filters": dict(filter_drops), "dedup": {"exact": exact, "near": near}},
+            "stats": stats,
             "config": to_dict(config)}
+
+
+def _language_counts(results: list[dict[str, Any]], reasons: np.ndarray
+                    ) -> dict[str, dict[str, int]]:
+    """{language: {"kept": n, "dropped": m}} over documents the language filter saw, most
+    frequent first; kept means through every filter (before deduplication)."""
+    languages = (np.concatenate([r["languages"] for r in results]) if results
+                 else np.zeros(0, str)).tolist()
+    counts: dict[str, Counter] = {}
+    for language, reason in zip(languages, reasons.tolist(), strict=True):
+        if language:
+            counts.setdefault(language, Counter())["dropped" if reason else "kept"] += 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1].total())
+    return {language: {"kept": c["kept"], "dropped": c["dropped"]} for language, c in ranked}
 
 
 def _write_shards(out: Path, split: str, docs: list[np.ndarray], dtype: np.dtype,

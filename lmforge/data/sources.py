@@ -289,12 +289,16 @@ def _read(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if spec.startswith("hf:"):
         yield from _hf_dataset(spec, opts)
         return
+    from lmforge.data import web_sources  # imports this module
+
     for path in _files(spec):
         name = path.name.lower()
         if name.removesuffix(".gz").endswith((".jsonl", ".ndjson")):
             yield from _jsonl(path, opts)
         elif name.endswith(".parquet"):
             yield from _parquet(path, opts)
+        elif web_sources.web_kind(path):  # WARC, WET, Wikipedia XML
+            yield from web_sources.read_web_file(path, opts)
         else:
             yield from _text_file(path, opts)
 
