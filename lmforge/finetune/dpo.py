@@ -73,12 +73,11 @@ def held_out_preferences(model: nn.Module, pairs: list, reference: Reference, co
             with autocast:
                 out = dpo_batch_loss(model, (ids.to(device), targets.to(device)), reference,
                                      config.beta)
-            for name, value in {"val_loss": float(out.loss), **preference_figures(out)}.items():
-                sums[name] = sums.get(name, 0.0) + value * len(chunk)
+            for name, value in {"loss": float(out.loss), **preference_figures(out)}.items():
+                sums[name] = sums.get(name, 0.0) + value * len(chunk)  # pair-weighted mean
     finally:
         model.train(was_training)
-    return {f"val_{k}" if not k.startswith("val_") else k: v / len(pairs)
-            for k, v in sums.items()}
+    return {f"val_{name}": total / len(pairs) for name, total in sums.items()}
 
 
 def finetune_dpo(config: DPOConfig) -> dict[str, Any]:
