@@ -61,8 +61,10 @@ def _env_int(*names: str, default: int) -> int:
 class DataConfig:
     """How ``lmforge data prepare`` turns inputs into shards."""
 
-    input: list[str] = option([], "input SPECs: path, glob, builtin:NAME, hf:NAME[:CONFIG]:SPLIT; "
-                                  "@WEIGHT mixes (e.g. builtin:python-docs@2)")
+    input: list[str] = option([], "input SPECs: path, glob (text, JSONL, Parquet, WARC/WET, "
+                                  "Wikipedia XML dumps), code:DIR[:EXT,...], builtin:NAME, "
+                                  "hf:NAME[:CONFIG]:SPLIT; @WEIGHT mixes (e.g. "
+                                  "builtin:python-docs@2)")
     tokenizer: str = option("", "tokenizer file (lmforge tokenizer train)")
     out: str = option("data", "output directory for shards and manifest.json")
     field: str = option("text", "JSONL field / Parquet column / dataset column holding the text")

@@ -289,6 +289,11 @@ def _read(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if spec.startswith("hf:"):
         yield from _hf_dataset(spec, opts)
         return
+    if spec.startswith("code:"):
+        from lmforge.data.code_source import code_documents  # imports this module
+
+        yield from code_documents(spec, opts)
+        return
     from lmforge.data import web_sources  # imports this module
 
     for path in _files(spec):
