@@ -5,7 +5,9 @@ Fields: ``format``/``version``; ``shards`` (``path`` relative to DIR, ``split``,
 ``tokenizer`` (path, fingerprint, vocab size); ``stats`` (``input``: documents read, bytes replaced
 in invalid UTF-8, unreadable records; ``filters``: filter name → documents dropped; ``dedup``:
 ``exact`` / ``near`` → documents removed; with PII masking ``pii``: type → replacements; with a
-language filter ``languages``: code → kept, dropped); ``config``: the resolved pipeline config.
+language filter ``languages``: code → kept, dropped; with boilerplate-line removal
+``boilerplate``: lines removed, documents touched, distinct lines); ``config``: the resolved
+pipeline config.
 """
 
 from __future__ import annotations

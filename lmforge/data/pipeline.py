@@ -12,7 +12,9 @@ end, with the manifest; so an output of an earlier prepare, which is replaced on
 stays whole until the new one is complete. Scale-out: ``rank``/``world_size``
 (defaults from torchrun's ``RANK``/``WORLD_SIZE`` or Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``)
 give each machine every ``world_size``-th document; it writes ``DIR/rank_NNNNN/``, and
-``lmforge data merge DIR`` combines the rank manifests.
+``lmforge data merge DIR`` combines the rank manifests. With ``boilerplate_lines``, a first pass
+counts the documents each line occurs in, and workers remove the frequent lines after normalizing
+(:mod:`lmforge.data.boilerplate`; the set is kept in ``.work/`` for a resumed run).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.config import build, check_at_least, option, to_dict
+from lmforge.data import boilerplate
 from lmforge.data.builtin import hash_fraction, is_validation
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
 from lmforge.data.filters import DocumentFilter, apply_filters, build_filters
@@ -74,6 +77,9 @@ class DataConfig:
     languages: list[str] = option([], "keep only documents in these languages, ISO 639-1 codes "
                                       "(e.g. en fr); runs the language filter before the preset's, "
                                       "threshold in filters.language; empty: off")
+    boilerplate_lines: int = option(0, "remove lines (of >= 10 characters, stripped) found in "
+                                       "more than this many documents of the corpus, before "
+                                       "filtering (a first pass counts them); 0: off")
     mask_pii: bool = option(False, "replace e-mail addresses, phone numbers and IP addresses by "
                                    "|||EMAIL_ADDRESS|||, |||PHONE_NUMBER|||, |||IP_ADDRESS||| "
                                    "before filtering")
@@ -104,7 +110,7 @@ class DataConfig:
         check_at_least(self, 1, "shard_tokens", "chunk_documents", "world_size")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank: {self.rank} is outside world_size {self.world_size}")
-        check_at_least(self, 0, "workers")
+        check_at_least(self, 0, "workers", "boilerplate_lines")
         self.build_filters()  # rejects an unknown preset, filter, field or language now
         _ = self.dedup_config  # rejects bad dedup settings now
         _ = self.read_options  # rejects an empty field or separator now
@@ -154,7 +160,13 @@ def _init_worker(config: DataConfig, tok: Tokenizer, work: Path) -> None:
     dedup = config.dedup_config
     _W.update(filters=config.build_filters(), mask_pii=config.mask_pii, dedup=dedup,
               hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT), work=work,
-              rejects=config.rejects, quarantine=config.utf8_errors == "quarantine")
+              rejects=config.rejects, quarantine=config.utf8_errors == "quarantine",
+              boilerplate=boilerplate.load(work) if config.boilerplate_lines else None)
+
+
+def _count_chunk(job: tuple[int, list[str], list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The boilerplate counting pass: each line hash of a chunk and the documents holding it."""
+    return boilerplate.chunk_counts(normalize(text) for text in job[1])
 
 
 def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
@@ -166,9 +178,14 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
             return {key: z[key] for key in z.files}
     reasons, languages, kept_texts, rejected = [], [], [], []
     pii: Counter = Counter()
+    lines_removed = documents_touched = 0
     for text, bad in zip(texts, replaced, strict=True):
         text = normalize(text)
         language = None
+        if _W["boilerplate"] is not None:
+            text, removed = boilerplate.remove_lines(text, _W["boilerplate"])
+            lines_removed += removed
+            documents_touched += removed > 0
         if _W["mask_pii"]:
             text, found = mask_pii(text)
             pii.update(found)
@@ -197,6 +214,7 @@ def _process_chunk(job: tuple[int, list[str], list[int]]) -> dict[str, Any]:
         "tokens": np.concatenate([np.append(t, _W["eot"]) for t in tokens]).astype(np.uint32)
         if tokens else np.zeros(0, np.uint32),
         "rejected": np.array(rejected, dtype=str),
+        "boilerplate": np.array([lines_removed, documents_touched], dtype=np.int64),
     }
     with atomic_path(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, **out)
@@ -247,7 +265,7 @@ def _fingerprint(config: DataConfig, tok: Tokenizer) -> str:
     # Options added later count only when set, so older outputs stay valid.
     relevant = {k: v for k, v in to_dict(config).items()
                 if k not in ("workers", "progress", "force")
-                and not (k in ("languages", "mask_pii") and not v)}
+                and not (k in ("languages", "mask_pii", "boilerplate_lines") and not v)}
     relevant["tokenizer"] = tok.fingerprint
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -292,6 +310,16 @@ def _run(config: DataConfig, tok: Tokenizer, work: Path) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     workers = config.workers or mp.cpu_count()
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    if config.boilerplate_lines and boilerplate.load(work) is None:  # a resumed run has it
+        counter = boilerplate.LineCounter()
+        with (progress_bar(config.progress, desc="count lines", unit="chunk") as bar,
+              mp.get_context(method).Pool(workers) as pool):
+            for values, counts in pool.imap(_count_chunk, _chunks(config, config.read_options,
+                                                                  [], Counter())):
+                counter.add(values, counts)
+                bar.update()
+        boilerplate.save(work, counter.frequent(config.boilerplate_lines))
+        log.info("boilerplate: %d distinct lines counted", counter.distinct)
     with (progress_bar(config.progress, desc="filter+tokenize", unit="doc") as bar,
           mp.get_context(method).Pool(workers, _init_worker, (config, tok, work)) as pool):
         for result in pool.imap(_process_chunk, _chunks(config, opts, meta, read)):
@@ -307,7 +335,7 @@ def _keep_if_resumable(work: Path) -> None:
     """After a failure: keep ``work`` when it holds finished chunks, which a rerun of the same
     command resumes from; else remove it."""
     chunks = len(list(work.glob("chunk_*.npz")))
-    if chunks:
+    if chunks or (work / boilerplate.FILE).exists():
         log.info("%s: kept %d finished chunk(s); rerun the same command to resume", work, chunks)
     else:
         shutil.rmtree(work, ignore_errors=True)  # must not hide the error being raised
@@ -368,6 +396,10 @@ def _deduplicate_and_write(config: DataConfig, tok: Tokenizer, out: Path, meta: 
         stats["pii"] = dict(zip(PII_TYPES, map(int, found), strict=True))
     if config.languages:
         stats["languages"] = _language_counts(results, reasons)
+    if config.boilerplate_lines:  # the set is in work/, out's parent
+        removed, touched = sum((r["boilerplate"] for r in results), np.zeros(2, np.int64))
+        stats["boilerplate"] = {"lines_removed": int(removed), "documents_touched": int(touched),
+                                "distinct_lines": len(boilerplate.load(out.parent))}
     return {"shards": shards, **totals(shards), "dtype": dtype.name,
             "tokenizer": {"path": str(Path(config.tokenizer).resolve()),
                           "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
