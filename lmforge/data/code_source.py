@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.data.builtin import Document
-from lmforge.data.sources import ReadOptions, decode_utf8
+from lmforge.data.reading import ReadOptions, decode_utf8
 from lmforge.errors import InputError
 
 log = logging.getLogger(__name__)

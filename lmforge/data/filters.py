@@ -38,29 +38,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import count, filterfalse, islice, repeat
 from operator import lt
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from lmforge.config import build, check_at_least, option
+from lmforge.data.filter_result import DocumentFilter, FilterResult
 from lmforge.data.langid import LanguageConfig, LanguageFilter
 from lmforge.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class FilterResult:
-    """A filter's verdict on one document."""
-
-    keep: bool
-    text: str  # the (possibly modified, e.g. by C4 line removal) text to pass on
-    reason: str | None  # when dropped: "<filter name>:<rule>", e.g. "gopher_quality:min_words"
-    language: str | None = None  # set by the language filter: the detected ISO 639-1 code
-
-
-class DocumentFilter(Protocol):
-    name: str
-
-    def __call__(self, text: str) -> FilterResult: ...
 
 
 def _drop(name: str, rule: str, text: str) -> FilterResult:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmforge.config import option
+from lmforge.data.filter_result import FilterResult
 from lmforge.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lmforge.data.filters import FilterResult
 
 _CODE = re.compile(r"[a-z]{2,3}")
 
@@ -82,9 +80,6 @@ class LanguageFilter:
                               f"{', '.join(sorted(_identifier().labels))}")
 
     def __call__(self, text: str) -> FilterResult:
-        # Imported here: filters.py imports this module to register the filter.
-        from lmforge.data.filters import FilterResult
-
         language, probability = identify(text)
         if probability < self.config.threshold:
             return FilterResult(False, text, f"{self.name}:threshold", language)

@@ -38,7 +38,8 @@ from lmforge.config import build, check_at_least, option, to_dict
 from lmforge.data import boilerplate
 from lmforge.data.builtin import hash_fraction, is_validation
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, near_duplicates
-from lmforge.data.filters import DocumentFilter, apply_filters, build_filters
+from lmforge.data.filter_result import DocumentFilter
+from lmforge.data.filters import apply_filters, build_filters
 from lmforge.data.manifest import load_manifest, totals
 from lmforge.data.output import REJECTS, STAGE, claim, finished, publish
 from lmforge.data.pii import TYPES as PII_TYPES

@@ -26,7 +26,6 @@ cannot be read (no permission, a truncated gzip stream), raises naming it.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import gzip
 import json
@@ -34,60 +33,20 @@ import logging
 import re
 import socket
 import zlib
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from lmforge.data.builtin import BUILTIN_CORPORA, Document, builtin_documents
-from lmforge.errors import ConfigError, InputError
+from lmforge.data.code_source import code_documents
+from lmforge.data.reading import ReadOptions, Utf8Errors, decode_utf8
+from lmforge.data.web_sources import read_web_file, web_kind
+from lmforge.errors import InputError
+
+__all__ = ["ReadOptions", "Utf8Errors", "decode_utf8", "documents", "parse_spec", "texts"]
 
 log = logging.getLogger(__name__)
-
-Utf8Errors = Literal["replace", "strict"]
-
-_ESCAPED = re.compile("[\udc80-\udcff]")  # how surrogateescape spells an undecodable byte
-
-
-@dataclass
-class ReadOptions:
-    """How SPECs are read (shared by every source kind)."""
-
-    field: str = "text"
-    separator: str | None = None
-    utf8_errors: Utf8Errors = "replace"
-    strict: bool = False
-    # Problems met while reading, for the run report: kind → count.
-    issues: Counter = dataclasses.field(default_factory=Counter)
-
-    def __post_init__(self) -> None:
-        if not self.field:
-            raise ConfigError("field: must name the JSONL field / Parquet column holding the text")
-        if self.separator == "":
-            raise ConfigError("separator: must not be empty; leave it unset to read one document "
-                              "per file")
-
-
-def decode_utf8(data: bytes, where: str, errors: Utf8Errors = "replace", warn: bool = True
-                ) -> tuple[str, int]:
-    """``(text, replaced_bytes)``; with ``errors="replace"`` each bad byte becomes one U+FFFD
-    (logged unless ``warn`` is false: JSONL files report their lines together)."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise InputError(f"{where}: not valid UTF-8 at byte {e.start} "
-                             f"({data[e.start:e.start + 4]!r}…); fix the file or use "
-                             "--utf8-errors replace") from None
-        first = e.start
-    text, bad = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
-    if warn:
-        log.warning("%s: invalid UTF-8 from byte %d; replaced %d byte(s) with U+FFFD",
-                    where, first, bad)
-    return text, bad
-
 
 def parse_spec(spec: str) -> tuple[str, float]:
     """Split ``SPEC@WEIGHT`` into the SPEC and its weight (default 1)."""
@@ -290,20 +249,16 @@ def _read(spec: str, opts: ReadOptions) -> Iterator[Document]:
         yield from _hf_dataset(spec, opts)
         return
     if spec.startswith("code:"):
-        from lmforge.data.code_source import code_documents  # imports this module
-
         yield from code_documents(spec, opts)
         return
-    from lmforge.data import web_sources  # imports this module
-
     for path in _files(spec):
         name = path.name.lower()
         if name.removesuffix(".gz").endswith((".jsonl", ".ndjson")):
             yield from _jsonl(path, opts)
         elif name.endswith(".parquet"):
             yield from _parquet(path, opts)
-        elif web_sources.web_kind(path):  # WARC, WET, Wikipedia XML
-            yield from web_sources.read_web_file(path, opts)
+        elif web_kind(path):  # WARC, WET, Wikipedia XML
+            yield from read_web_file(path, opts)
         else:
             yield from _text_file(path, opts)
 

@@ -34,7 +34,7 @@ from typing import IO, Any, Literal
 from xml.etree import ElementTree
 
 from lmforge.data.builtin import Document
-from lmforge.data.sources import ReadOptions, decode_utf8
+from lmforge.data.reading import ReadOptions, decode_utf8
 from lmforge.errors import InputError
 
 log = logging.getLogger(__name__)
