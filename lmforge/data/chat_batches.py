@@ -246,7 +246,12 @@ class PreferenceBatches(_Batches):
                          pad_id, rank, world_size, device)
 
     def _rows(self, items: np.ndarray) -> list[Example]:
-        return [self.pairs[i][0] for i in items] + [self.pairs[i][1] for i in items]
+        return pair_rows([self.pairs[i] for i in items])
+
+
+def pair_rows(pairs: Sequence[tuple[Example, Example]]) -> list[Example]:
+    """The rows of a preference batch: every chosen reply, then every rejected one, in order."""
+    return [c for c, _ in pairs] + [r for _, r in pairs]
 
 
 def _cut(ids: list[int], mask: list[int], context: int) -> Example:

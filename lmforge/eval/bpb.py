@@ -27,6 +27,7 @@ from lmforge.data.sources import ReadOptions, documents
 from lmforge.errors import InputError
 from lmforge.eval.scoring import rolling_logprobs
 from lmforge.eval.task import Env, Example, Prediction
+from lmforge.evaluating import evaluating
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,21 @@ class Validator:
 
     @torch.no_grad()
     def run(self, model: nn.Module, autocast: AbstractContextManager) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         self.loader.step = 0
         nats = bpb_nats = 0.0
         tokens = nbytes = 0
-        for _ in range(self.batches):
-            x, y = self.loader.next_batch()
-            with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-            b = self.sizes[y.flatten()]
-            nats += loss.sum().item()
-            tokens += y.numel()
-            bpb_nats += loss[b > 0].sum().item()
-            nbytes += int(b.sum().item())
-        model.train(was_training)
+        with evaluating(model):
+            for _ in range(self.batches):
+                x, y = self.loader.next_batch()
+                with autocast:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                       reduction="none")
+                b = self.sizes[y.flatten()]
+                nats += loss.sum().item()
+                tokens += y.numel()
+                bpb_nats += loss[b > 0].sum().item()
+                nbytes += int(b.sum().item())
         return {"val_loss": nats / tokens, "val_bpb": bpb_nats / (math.log(2) * nbytes)}
 
 

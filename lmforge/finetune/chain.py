@@ -25,6 +25,7 @@ from lmforge import load
 from lmforge.data.chat_batches import (
     pad_id_of,
     pad_rows,
+    pair_rows,
     render_examples,
     render_pairs,
 )
@@ -61,7 +62,7 @@ def preference_accuracy(model: nn.Module, tokenizer: Tokenizer, pairs: list,
     pad, wins = pad_id_of(tokenizer), 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids, targets = pad_rows([c for c, _ in chunk] + [r for _, r in chunk], pad)
+        ids, targets = pad_rows(pair_rows(chunk), pad)
         logp = sequence_logprobs(model, ids, targets)
         wins += int((logp[:len(chunk)] > logp[len(chunk):]).sum())
     return wins / len(pairs)

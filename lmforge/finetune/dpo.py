@@ -23,8 +23,10 @@ from lmforge.data.chat_batches import (
     count_tokens,
     pad_id_of,
     pad_rows,
+    pair_rows,
     render_pairs,
 )
+from lmforge.evaluating import evaluating
 from lmforge.finetune.config import DPOConfig
 from lmforge.finetune.objectives import DPOOutput, dpo_loss, sequence_logprobs
 from lmforge.finetune.run import (
@@ -63,20 +65,16 @@ def held_out_preferences(model: nn.Module, pairs: list, reference: Reference, co
                          pad: int, device: torch.device, autocast: AbstractContextManager
                          ) -> dict[str, float]:
     """DPO loss, reward margin and preference accuracy over held-out pairs."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
-    try:
+    with evaluating(model):
         for start in range(0, len(pairs), config.batch_size):
             chunk = pairs[start:start + config.batch_size]
-            ids, targets = pad_rows([c for c, _ in chunk] + [r for _, r in chunk], pad)
+            ids, targets = pad_rows(pair_rows(chunk), pad)
             with autocast:
                 out = dpo_batch_loss(model, (ids.to(device), targets.to(device)), reference,
                                      config.beta)
             for name, value in {"loss": float(out.loss), **preference_figures(out)}.items():
                 sums[name] = sums.get(name, 0.0) + value * len(chunk)  # pair-weighted mean
-    finally:
-        model.train(was_training)
     return {f"val_{name}": total / len(pairs) for name, total in sums.items()}
 
 

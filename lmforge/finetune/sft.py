@@ -22,6 +22,7 @@ from lmforge.data.chat_batches import (
     pad_rows,
     render_examples,
 )
+from lmforge.evaluating import evaluating
 from lmforge.finetune.config import SFTConfig
 from lmforge.finetune.run import (
     conversation_rows,
@@ -51,10 +52,8 @@ def held_out_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
                   device: torch.device, autocast: AbstractContextManager) -> float:
     """Mean assistant-token cross-entropy over ``examples``, every target token weighted
     equally."""
-    was_training = model.training
-    model.eval()
     total = count = 0.0
-    try:
+    with evaluating(model):
         for start in range(0, len(examples), batch_size):
             ids, targets = pad_rows(examples[start:start + batch_size], pad_id)
             n = int((targets != IGNORE).sum())
@@ -62,8 +61,6 @@ def held_out_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
                 loss = model(ids.to(device), targets.to(device))
             total += float(loss) * n
             count += n
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 

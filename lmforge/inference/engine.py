@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import InputError
+from lmforge.evaluating import evaluating
 from lmforge.inference.params import SamplingParams
 from lmforge.model import Attention, Transformer, apply_rope
 
@@ -339,9 +340,7 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
         return
     longest = max(len(p) for p in prompts)
     device = model.embed_tokens.weight.device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         pads = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,)
         ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
         positions = torch.arange(longest, device=device) - pads[:, None]  # (B, T), <0: pad
@@ -370,5 +369,3 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
                 cache.keep_rows(keep)
             pos = pos + 1
             logits = decode_one_token(model, cache, token[:, None], pos, compile)
-    finally:
-        model.train(was_training)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError
+from lmforge.evaluating import evaluating
 from lmforge.model import Block, RMSNorm, Transformer
 from lmforge.progress import progress_bar
 from lmforge.quantize.calibration import run_calibration
@@ -152,9 +153,8 @@ def awq_scale_model(model: Transformer, calibration: list[Tensor], mode: Mode,
         check_group_size_fits(quantizable_linears(model), group_size)
     stride = max(1, math.ceil(sum(ids.numel() for ids in calibration) / MAX_ROWS))
     alphas: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
-    with progress_bar(progress, total=4 * len(model.layers), desc="awq", unit="group") as bar:
+    with (evaluating(model),
+          progress_bar(progress, total=4 * len(model.layers), desc="awq", unit="group") as bar):
         for i, block in enumerate(model.layers):
             groups = scale_groups(block, f"layers.{i}")
             inputs = [_Inputs(stride) for _ in groups]
@@ -164,5 +164,4 @@ def awq_scale_model(model: Transformer, calibration: list[Tensor], mode: Mode,
                 s, alphas[group.name] = search_scale(group, x, mode, group_size)
                 fold_scale(group, s)
                 bar.update()
-    model.train(was_training)
     return alphas

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.evaluating import evaluating
 from lmforge.model import Transformer
 from lmforge.progress import progress_bar
 from lmforge.quantize.calibration import run_calibration
@@ -103,9 +104,8 @@ def gptq_quantize_model(model: Transformer, calibration: list[Tensor], group_siz
                                for i in range(len(model.layers))]
     staged = {n for stage in stages for n in stage}
     stages.append([n for n in linears if n not in staged])
-    was_training = model.training
-    model.eval()
-    with progress_bar(progress, total=len(linears), desc="gptq", unit="layer") as bar:
+    with (evaluating(model),
+          progress_bar(progress, total=len(linears), desc="gptq", unit="layer") as bar):
         for stage in filter(None, stages):
             hessians = {n: _Hessian(linears[n].in_features) for n in stage}
             run_calibration(model, calibration, {linears[n]: hessians[n].add for n in stage})
@@ -116,5 +116,4 @@ def gptq_quantize_model(model: Transformer, calibration: list[Tensor], group_siz
                 q = Int4Linear.from_linear(linear, group_size, codes)
                 model.set_submodule(n, q.to(linear.weight.device))
                 bar.update()
-    model.train(was_training)
     return model

@@ -230,17 +230,12 @@ async def _parse(request: Request, state: _State, model: type[BaseModel]) -> Any
 
 
 def _check_prompt(scheduler: Scheduler, ids: list[int], param: str) -> None:
-    """A prompt the model can continue: non-empty, known token ids, shorter than the context."""
-    vocab = scheduler.vocab_size or scheduler.model.config.vocab_size
-    if not ids:
-        raise ApiError(400, f"{param}: empty; give at least one token", param=param)
-    if any(not 0 <= t < vocab for t in ids):
-        raise ApiError(400, f"{param}: token ids must be in 0 .. {vocab - 1}", param=param,
-                       code="invalid_token_id")
-    if len(ids) >= scheduler.context:
-        raise ApiError(400, f"this model's context is {scheduler.context} tokens and the "
-                            f"{param} has {len(ids)}: it must leave room for one new token",
-                       param=param, code="context_length_exceeded")
+    """A 400 naming ``param`` for a prompt the model cannot continue."""
+    problem = scheduler.prompt_problem(ids)
+    if problem:
+        code, message = problem
+        raise ApiError(400, f"{param}: {message}", param=param,
+                       code=None if code == "empty_prompt" else code)
 
 
 def _params(body: Sampling, prompt_len: int, context: int, index: int) -> SamplingParams:
@@ -379,13 +374,13 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-GENERATION_FAILED = ApiError(500, "generation failed (a server error, logged there)",
-                             "server_error")
+def _generation_failed() -> ApiError:
+    return ApiError(500, "generation failed (a server error, logged there)", "server_error")
 
 
 def _check_generated(choices: list[_Choice]) -> None:
     if any(c.finish_reason == "error" for c in choices):
-        raise GENERATION_FAILED
+        raise _generation_failed()
 
 
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
@@ -428,7 +423,7 @@ async def _complete(request: Request, state: _State, body: CompletionRequest) ->
                                                      "logprobs": None, "finish_reason": None}]})
             async for choice, text, done in _events(state, choices):
                 if done and choice.finish_reason == "error":
-                    yield _sse(GENERATION_FAILED.body)
+                    yield _sse(_generation_failed().body)
                     continue
                 yield _sse({**head, "choices": [{
                     "text": text, "index": choice.index, "logprobs": None,
@@ -517,7 +512,7 @@ async def _chat(request: Request, state: _State, body: ChatRequest) -> Response:
                                                      "delta": {"content": text},
                                                      "finish_reason": None}]})
                 if done and choice.finish_reason == "error":
-                    yield _sse(GENERATION_FAILED.body)
+                    yield _sse(_generation_failed().body)
                 elif done:
                     yield _sse({**head, "choices": [{"index": choice.index, "delta": {},
                                                      "finish_reason": choice.finish_reason}]})

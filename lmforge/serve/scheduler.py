@@ -181,17 +181,25 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
-    def check_prompt(self, prompt: Sequence[int]) -> None:
-        """Refuse a prompt the model cannot continue (raised at the edge, as a 400)."""
+    def prompt_problem(self, prompt: Sequence[int]) -> tuple[str, str] | None:
+        """Why the model cannot continue ``prompt`` — ``(code, message)`` with the code one of
+        ``empty_prompt``, ``invalid_token_id``, ``context_length_exceeded`` — or None."""
         if not prompt:
-            raise InputError("the prompt is empty: give at least one token")
-        if len(prompt) >= self.context:
-            raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is "
-                             f"{self.context}, which must also hold at least one new token")
-        bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+            return "empty_prompt", "empty; give at least one token"
+        vocab = self.vocab_size or self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise InputError(f"token ids out of range 0 .. {self.model.config.vocab_size - 1}: "
-                             f"{bad[:5]}")
+            return "invalid_token_id", f"token ids must be in 0 .. {vocab - 1}, got {bad[:5]}"
+        if len(prompt) >= self.context:
+            return ("context_length_exceeded", f"{len(prompt)} tokens; the model's context is "
+                    f"{self.context}, which must also hold at least one new token")
+        return None
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """Refuse a prompt the model cannot continue, with :meth:`prompt_problem`'s reason."""
+        problem = self.prompt_problem(prompt)
+        if problem:
+            raise InputError(f"prompt: {problem[1]}")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                stop_ids: Sequence[int] = (),

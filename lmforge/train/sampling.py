@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.evaluating import evaluating
 from lmforge.inference import SamplingParams
 from lmforge.inference import sample as choose
 
@@ -29,14 +30,12 @@ def forward_sample(model: nn.Module, prompt: list[int], params: SamplingParams,
     generator = params.generator()  # the logits are moved to the CPU to be sampled
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     new: list[int] = []
-    was_training = model.training
-    model.eval()
-    for _ in range(params.max_new_tokens):
-        logits = model(ids[:, -context:])[:, -1].float().cpu()  # (1, vocab)
-        nxt = int(choose(logits, params, generator, vocab_size=vocab_size)[0])
-        if nxt in stop:  # the stop token ends the sample and is not part of it
-            break
-        new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
-    model.train(was_training)
+    with evaluating(model):
+        for _ in range(params.max_new_tokens):
+            logits = model(ids[:, -context:])[:, -1].float().cpu()  # (1, vocab)
+            nxt = int(choose(logits, params, generator, vocab_size=vocab_size)[0])
+            if nxt in stop:  # the stop token ends the sample and is not part of it
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
     return new
