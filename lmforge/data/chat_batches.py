@@ -170,11 +170,6 @@ class _Batches:
     def _rows(self, items: np.ndarray) -> list[Example]:
         raise NotImplementedError
 
-    @property
-    def epoch(self) -> float:
-        """Passes over the data so far (all ranks together)."""
-        return self.step * self.world_size / self.per_epoch
-
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """(batches per epoch, batch_size) item indices: a seeded permutation, sorted by length
         within runs of GROUP batches, cut into batches, the batches shuffled."""

@@ -231,10 +231,6 @@ class Scheduler:
             self._lock.notify_all()
         return future
 
-    def load(self) -> tuple[int, int]:
-        """(queued requests, active slots)."""
-        return len(self.queue), len(self.rows)
-
     # ---------------------------------------------------------------------- the thread
 
     def _run(self) -> None:
