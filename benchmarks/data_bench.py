@@ -329,9 +329,11 @@ def _documents(target_bytes: int, seed: int) -> tuple[list[str], Counter]:
     return docs, kinds
 
 
-def build_corpus(mb: int, seed: int, root: Path) -> Corpus:
-    """The benchmark corpus of about ``mb`` MB and its tokenizer, built once and cached."""
-    key = hashlib.sha256(f"{CORPUS_VERSION}:{mb}:{seed}:{sys.version}".encode()).hexdigest()[:12]
+def build_corpus(mb: int, seed: int, root: Path, files: int = FILES) -> Corpus:
+    """The benchmark corpus of about ``mb`` MB in ``files`` JSONL files and its tokenizer, built
+    once and cached."""
+    recipe = f"{CORPUS_VERSION}:{mb}:{seed}:{sys.version}" + (f":{files}" if files != FILES else "")
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     cache = root / f"corpus-{mb}mb-{key}"
     if not (cache / "info.json").exists():
         from lmforge.data.builtin import python_docs, python_src
@@ -342,8 +344,8 @@ def build_corpus(mb: int, seed: int, root: Path) -> Corpus:
         tmp = _fresh(cache.with_name(cache.name + ".tmp"))
         docs, kinds = _documents(mb * 10**6, seed)
         (tmp / "data").mkdir()
-        for i in range(FILES):
-            part = docs[i * len(docs) // FILES:(i + 1) * len(docs) // FILES]
+        for i in range(files):
+            part = docs[i * len(docs) // files:(i + 1) * len(docs) // files]
             with open(tmp / "data" / f"{i:02d}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"text": t}) + "\n" for t in part)
         texts = [d.text for d in python_docs()] + [d.text for d in python_src()]
@@ -357,6 +359,16 @@ def build_corpus(mb: int, seed: int, root: Path) -> Corpus:
         tmp.rename(cache)
     return Corpus(sorted((cache / "data").glob("*.jsonl")), cache / "tokenizer.json",
                   cache / "hf" / "tokenizer.json", json.loads((cache / "info.json").read_text()))
+
+
+def _same_output(a: Path, b: Path) -> bool:
+    """Whether two prepared directories hold the same shard bytes and statistics."""
+    from lmforge.data.manifest import load_manifest
+
+    ma, mb = load_manifest(a), load_manifest(b)
+    return (ma["stats"] == mb["stats"] and ma["shards"] == mb["shards"]
+            and all((a / s["path"]).read_bytes() == (b / s["path"]).read_bytes()
+                    for s in ma["shards"]))
 
 
 def _check_same_vocabulary(corpus: Corpus) -> None:
@@ -391,14 +403,15 @@ class Result:
     reasons: dict[str, Counter] = field(default_factory=dict)  # filter -> rule -> drops
 
 
-def run_lmforge(corpus: Corpus, out: Path, dedup: bool = True) -> Result:
+def run_lmforge(corpus: Corpus, out: Path, dedup: bool = True, executor: str = "local"
+                ) -> Result:
     from lmforge.data.pipeline import DataConfig, prepare
 
     _fresh(out)  # prepare returns a finished run's manifest without work: start clean
     load = os.getloadavg()[0]
     config = DataConfig(input=[str(p) for p in corpus.files], tokenizer=str(corpus.tokenizer),
                         out=str(out), preset="web", workers=WORKERS, progress=False,
-                        val_fraction=0.0,
+                        val_fraction=0.0, executor=executor,
                         dedup={} if dedup else {"exact": False, "near": False})
     cpu, start = _cpu_seconds(), time.perf_counter()
     manifest = prepare(config)
@@ -417,8 +430,9 @@ def _collapsed_text(doc: Any) -> str:
     return " ".join(doc.text.split())
 
 
-def run_datatrove(corpus: Corpus, work: Path) -> Result:
-    """The datatrove pipeline, stage by stage; all stages are timed."""
+def run_datatrove(corpus: Corpus, work: Path, executor: str = "local") -> Result:
+    """The datatrove pipeline, stage by stage; all stages are timed. With ``executor="ray"``
+    each stage runs on datatrove's ``RayPipelineExecutor`` (Ray must be initialized)."""
     try:
         import orjson  # noqa: F401  (JsonlReader needs it)
         import spacy  # noqa: F401  (datatrove's English word tokenizer)
@@ -495,10 +509,17 @@ def run_datatrove(corpus: Corpus, work: Path) -> Result:
     load = os.getloadavg()[0]
     with _stderr_to(work.parent / "datatrove.log"):
         for name, pipeline, tasks in stages:
-            executor = LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(tasks, WORKERS),
-                                             logging_dir=str(d["logs"] / name.replace(" ", "_")))
+            logs = str(d["logs"] / name.replace(" ", "_"))
+            if executor == "ray":
+                from datatrove.executor.ray import RayPipelineExecutor
+
+                stage = RayPipelineExecutor(pipeline, tasks=tasks, workers=min(tasks, WORKERS),
+                                            logging_dir=logs, cpus_per_task=1, mem_per_cpu_gb=1)
+            else:
+                stage = LocalPipelineExecutor(pipeline, tasks=tasks,
+                                              workers=min(tasks, WORKERS), logging_dir=logs)
             cpu[name], start = _cpu_seconds(), time.perf_counter()
-            stats[name] = executor.run()
+            stats[name] = stage.run()
             times[name] = time.perf_counter() - start
             cpu[name] = _cpu_seconds() - cpu[name]
 
@@ -601,14 +622,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
     parser.add_argument("--profile-mb", type=float, default=10.0,
                         help="corpus sample for the one-process stage timings (0: skip)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="both sides on their local process pools, or both on Ray (one "
+                             "local Ray of 2 CPUs, started once; lmforge then also runs once "
+                             "locally, to state Ray's overhead and check the output is the same)")
     parser.add_argument("--work", type=Path,
                         default=Path(tempfile.gettempdir()) / "lmforge-data-bench",
                         help="cache and scratch directory")
     args = parser.parse_args(argv)
     mb = args.mb or (QUICK_MB if args.quick else FULL_MB)
     repeat = args.repeat or (1 if args.quick else 2)
-    run = {"lmforge": lambda: run_lmforge(corpus, args.work / "out-lmforge"),
-           "datatrove": lambda: run_datatrove(corpus, args.work / "out-datatrove")}
+    run = {"lmforge": lambda: run_lmforge(corpus, args.work / "out-lmforge",
+                                          executor=args.executor),
+           "datatrove": lambda: run_datatrove(corpus, args.work / "out-datatrove",
+                                              executor=args.executor)}
 
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "datatrove.log").unlink(missing_ok=True)
@@ -617,18 +644,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"corpus: {corpus.documents:,} documents, {corpus.mb:.1f} MB in {len(corpus.files)} "
           f"files; {', '.join(f'{k}: {v:,}' for k, v in corpus.info['kinds'].items())}")
 
+    if args.executor == "ray":
+        import ray
+
+        start = time.perf_counter()
+        ray.init(num_cpus=WORKERS, include_dashboard=False)
+        print(f"Ray started in {time.perf_counter() - start:.1f} s, {WORKERS} CPUs "
+              "(not counted in either side's time)", flush=True)
     runs: dict[str, list[Result]] = {"lmforge": [], "datatrove": []}
     for i in range(repeat):
         for name in runs:
             runs[name].append(run[name]())
             print(f"{name} run {i + 1}/{repeat}: {runs[name][-1].wall:.1f} s "
                   f"(load before: {runs[name][-1].load:.1f})", flush=True)
-    no_dedup = run_lmforge(corpus, args.work / "out-lmforge", dedup=False)
     best = {name: min(rs, key=lambda r: r.wall) for name, rs in runs.items()}
     ours, theirs = best["lmforge"], best["datatrove"]
+    if args.executor == "ray":
+        local = run_lmforge(corpus, args.work / "out-lmforge-local")
+        same = _same_output(args.work / "out-lmforge-local", args.work / "out-lmforge")
+        print(f"\n### lmforge on Ray vs its local executor, {WORKERS} workers\n")
+        print(_table(["executor", "wall s", "docs/s", "CPU s (driver + pool)"],
+                     [["local", f"{local.wall:.1f}", f"{corpus.documents / local.wall:,.0f}",
+                       f"{local.cpu:.1f}"],
+                      ["ray", f"{ours.wall:.1f}", f"{corpus.documents / ours.wall:,.0f}",
+                       "(in Ray's workers)"]]))
+        overhead = ours.wall - local.wall
+        print(f"\nRay / local wall time: {ours.wall / local.wall:.2f}× ({overhead:+.1f} s of Ray "
+              f"overhead); shards and manifest stats identical: {same}")
+    no_dedup = run_lmforge(corpus, args.work / "out-lmforge", dedup=False)
 
-    print(f"\n### Data pipeline, {corpus.mb:.0f} MB corpus, {WORKERS} workers "
-          f"(best of {repeat})\n")
+    print(f"\n### Data pipeline, {corpus.mb:.0f} MB corpus, {WORKERS} workers, {args.executor} "
+          f"executors (best of {repeat})\n")
     headers = ["pipeline", "docs", "MB", "wall s", "docs/s", "CPU s", "kept docs", "filter drops",
                "dedup removed (exact / near)", "tokens written"]
     print(_table(headers, [_row("lmforge", corpus, ours), _row("datatrove", corpus, theirs)]))
@@ -657,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nlmforge stages one at a time, one process, on {n:,} documents "
               f"({sample_mb:.1f} MB, every k-th):\n")
         print(_table(["stage", "CPU s", "share", "µs / doc"], rows))
-    for out in ("out-lmforge", "out-datatrove"):  # the corpus stays cached
+    for out in ("out-lmforge", "out-lmforge-local", "out-datatrove"):  # the corpus stays cached
         shutil.rmtree(args.work / out, ignore_errors=True)
 
 

@@ -23,3 +23,8 @@ class TokenizerFileError(LmforgeError, ValueError):
 
 class TrainingInterrupted(LmforgeError):
     """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint at the current step."""
+
+
+class TaskFailed(LmforgeError):
+    """A task of a long job could not finish (its worker process died); what the job finished
+    is kept, and rerunning the same command resumes from it."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.config import to_dict
-from lmforge.data import boilerplate, pipeline
+from lmforge.data import boilerplate, pipeline, process
 from lmforge.data.boilerplate import LineCounter, chunk_counts, remove_lines
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.shards import Shard
@@ -123,19 +123,18 @@ def test_off_by_default_changes_nothing(tmp_path, corpus, tok_path, monkeypatch)
 def test_interrupted_run_reuses_the_saved_set(tmp_path, corpus, tok_path, monkeypatch):
     corpus_path, _, expected = corpus
     clean = prepare(config(tmp_path / "clean", corpus_path, tok_path, boilerplate_lines=3))
-    real_documents = pipeline.documents
-    passes = []
+    real_documents = process.read_documents
+    saved = tmp_path / "out" / ".work" / boilerplate.FILE
 
     def interrupted(spec, opts):
-        passes.append(spec)
         for i, doc in enumerate(real_documents(spec, opts)):
-            if len(passes) == 2 and i == 9:  # the crash comes in the second (filtering) pass
+            if saved.exists() and i == 9:  # the crash comes after counting, while filtering
                 raise RuntimeError("simulated crash")
             yield doc
 
     cfg = config(tmp_path, corpus_path, tok_path, boilerplate_lines=3)
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "documents", interrupted)
+        m.setattr(process, "read_documents", interrupted)
         with pytest.raises(RuntimeError, match="simulated crash"):
             prepare(cfg)
     work = tmp_path / "out" / ".work"

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from lmforge.cli import main
-from lmforge.data import pipeline
+from lmforge.data import pipeline, process
 from lmforge.data.manifest import load_manifest, merge_manifests
 from lmforge.data.pipeline import DataConfig, prepare
 from lmforge.data.shards import Shard
@@ -77,9 +77,9 @@ def test_prepare_filters_dedups_and_writes_shards(tmp_path, corpus, tok_path, mo
     out = tmp_path / "out"
     assert manifest == load_manifest(out)
     with monkeypatch.context() as m:  # a finished directory is returned without reading inputs
-        m.setattr(pipeline, "documents", None)
+        m.setattr(process, "read_documents", None)
         assert prepare(cfg) == manifest
-    assert manifest["stats"]["dedup"] == {"exact": 1, "near": 1}
+    assert manifest["stats"]["dedup"] == {"exact": 1, "near": 1, "buckets": 15}
     assert manifest["stats"]["filters"]["empty"] == 1
     assert sum(manifest["stats"]["filters"].values()) == 2
     assert manifest["stats"]["input"]["documents"] == 44
@@ -108,23 +108,23 @@ def test_prepare_filters_dedups_and_writes_shards(tmp_path, corpus, tok_path, mo
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, corpus, tok_path, monkeypatch):
     corpus_path, _ = corpus
     clean = prepare(config(tmp_path / "clean", corpus_path, tok_path))
-    real_documents = pipeline.documents
+    real_documents = process.read_documents
 
     def interrupted(spec, opts):
         for i, doc in enumerate(real_documents(spec, opts)):
-            if i == 30:  # a crash part way (imap reads inputs on a thread: use an Exception)
+            if i == 30:  # a crash part way, in a worker
                 raise RuntimeError("simulated crash")
             yield doc
 
-    monkeypatch.setattr(pipeline, "documents", interrupted)
+    monkeypatch.setattr(process, "read_documents", interrupted)
     cfg = config(tmp_path, corpus_path, tok_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare(cfg)
     out = tmp_path / "out"
-    cached = sorted(p.name for p in (out / ".work").glob("chunk_*.npz"))
+    cached = sorted(p.name for p in (out / ".work" / "chunks").glob("*.npz"))
     assert cached  # finished chunks were kept for the rerun
     assert not list(out.glob("*.bin")) and not list(out.rglob("*.tmp*"))
-    monkeypatch.setattr(pipeline, "documents", real_documents)
+    monkeypatch.setattr(process, "read_documents", real_documents)
     with pytest.raises(InputError, match=r"holds what another prepare wrote \(\.work/\)"):
         prepare(config(tmp_path, corpus_path, tok_path, val_fraction=0.5))  # not this run's
     resumed = prepare(cfg)
@@ -143,10 +143,8 @@ def test_rank_partitioning_covers_every_document_once(tmp_path, corpus, tok_path
     names = []
     for rank in range(3):
         cfg = config(tmp_path, corpus_path, tok_path, rank=rank, world_size=3)
-        meta: list = []
-        for _ in pipeline._chunks(cfg, ReadOptions(), meta, Counter()):
-            pass
-        names.append([m.name for m in meta])
+        chunks = process._chunks(cfg, str(corpus_path), ReadOptions(), Counter())
+        names.append([doc.name for _, docs in chunks for doc in docs])
     flat = [n for part in names for n in part]
     assert len(flat) == len(set(flat)) == 44
 
@@ -234,7 +232,7 @@ def test_failed_forced_run_keeps_the_earlier_output_and_resumes(tmp_path, corpus
         with pytest.raises(OSError, match="No space left"):
             prepare(forced)
     assert files(out) == before and load_manifest(out) == first
-    assert list((out / ".work").glob("chunk_*.npz"))  # kept: the rerun resumes from it
+    assert list((out / ".work" / "chunks").glob("*.npz"))  # kept: the rerun resumes from it
     resumed = prepare(dataclasses.replace(forced, force=False))  # resuming needs no --force
     assert resumed["splits"]["val"]["documents"] > first["splits"]["val"]["documents"]
     assert sorted(s["path"] for s in resumed["shards"]) == sorted(p.name for p in
@@ -264,7 +262,7 @@ def test_corrupt_or_unwritable_output_is_named(tmp_path, corpus, tok_path):
 def test_missing_validation_split_is_warned(tmp_path, corpus, tok_path, caplog, monkeypatch):
     corpus_path, _ = corpus
     # The split hashes document names, which hold the (random) tmp path: make 1% select none.
-    monkeypatch.setattr(pipeline, "is_validation", lambda name, fraction: False)
+    monkeypatch.setattr(process, "is_validation", lambda name, fraction: False)
     with caplog.at_level(logging.WARNING, logger="lmforge.data.pipeline"):
         manifest = prepare(config(tmp_path, corpus_path, tok_path, val_fraction=0.01,
                                   workers=1))

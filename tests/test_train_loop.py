@@ -106,7 +106,7 @@ def test_optimizer_state_round_trips_exactly() -> None:
 
 
 def test_a_validation_split_smaller_than_a_batch_is_used(tmp_path, caplog, monkeypatch) -> None:
-    import lmforge.data.pipeline as pipeline
+    import lmforge.data.process as process
 
     chosen: list[str] = []  # exactly one document held out (the split hashes tmp paths)
 
@@ -114,7 +114,7 @@ def test_a_validation_split_smaller_than_a_batch_is_used(tmp_path, caplog, monke
         chosen[:] = chosen or [name]
         return name == chosen[0]
 
-    monkeypatch.setattr(pipeline, "is_validation", one_document)
+    monkeypatch.setattr(process, "is_validation", one_document)
     data = prepare_tiny_data(tmp_path, 60, seed=3, val_fraction=0.05)
     val_tokens = sum(s["tokens"] for s in json.loads((data / "manifest.json").read_text())
                      ["shards"] if s["split"] == "val")

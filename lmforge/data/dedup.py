@@ -258,7 +258,7 @@ class MinHasher:
         return out
 
 
-def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """One uint64 per (document, band) standing for the band's ``rows`` values; distinct values
     collide with probability 2^-64 per pair. Shape (n, bands)."""
     n, k = signatures.shape
@@ -277,29 +277,40 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int) -> np
     """For each document, the index of its cluster representative (the lowest index in its
     connected component of documents that share at least one band bucket). Shape (n,), int64."""
     n = len(signatures)
-    keys = _band_keys(np.asarray(signatures), bands, rows)
-    label = np.arange(n, dtype=np.int64)
+    keys = band_keys(np.asarray(signatures), bands, rows)
     if n == 0:
-        return label
-    # Edges: every bucket member to the bucket's lowest index (a stable sort keeps index order).
-    u, v = [], []
-    for band in range(bands):
-        order = np.argsort(keys[:, band], kind="stable")
-        sorted_keys = keys[order, band]
-        new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
-        head = order[new][np.cumsum(new) - 1]
-        dup = ~new
-        u.append(order[dup])
-        v.append(head[dup])
-    u_, v_ = np.concatenate(u), np.concatenate(v)
+        return np.zeros(0, np.int64)
+    ids = np.arange(n, dtype=np.int64)
+    edges = [duplicate_edges(keys[:, band, None], ids) for band in range(bands)]
+    return connected_components(np.concatenate([u for u, _ in edges]),
+                                np.concatenate([v for _, v in edges]), n)
+
+
+def duplicate_edges(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries ``ids[i]`` with key row ``keys[i]`` (shape (m, w)): (members, heads), an edge from
+    each entry to the lowest id of its key, for every entry but that lowest one."""
+    if not len(ids):
+        return ids, ids
+    order = np.lexsort((ids, *keys.T[::-1]))
+    sorted_keys = keys[order]
+    new = np.concatenate(([True], (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)))
+    head = ids[order[new]][np.cumsum(new) - 1]
+    return ids[order[~new]], head[~new]
+
+
+def connected_components(u: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
+    """For each of the nodes 0 … n−1 of the graph with edges ``u[i]``–``v[i]``, the lowest node
+    of its connected component. Shape (n,), int64."""
+    label = np.arange(n, dtype=np.int64)
+    u, v = np.asarray(u, np.int64), np.asarray(v, np.int64)
     # Min-label propagation with hooking and pointer jumping: label[x] always lies in x's
     # component and never exceeds x; at the fixed point it is constant on each component, so it
     # is the component's minimum.
     while True:
-        lu, lv = label[u_], label[v_]
+        lu, lv = label[u], label[v]
         low = np.minimum(lu, lv)
         new_label = label.copy()
-        for target in (u_, v_, lu, lv):
+        for target in (u, v, lu, lv):
             np.minimum.at(new_label, target, low)
         while True:
             jumped = new_label[new_label]

@@ -9,10 +9,10 @@ A prepare writes ``manifest.json``, the shards (``train_NNNNN.bin``, ``val_NNNNN
 * ``.work/`` stamped with this fingerprint: an interrupted run of the same config, resumed;
 * any other output, or another config's unfinished ``.work/``: refused unless ``force``.
 
-New files are written to ``.work/out/`` and published only when all are there: the old manifest
-is removed first (readers refuse a directory without one, so none sees a mix of two runs), the
-new files are moved in, the other run's leftovers deleted, the new manifest written and ``.work/``
-removed. A failure before that leaves an earlier output whole.
+New files are written to ``.work/out/`` and published (renamed into ``DIR``) only when all are
+there: the old manifest is removed first (readers refuse a directory without one, so none sees a
+mix of two runs), the new files are moved in, the other run's leftovers deleted, the new manifest
+written and ``.work/`` removed. A failure before that leaves an earlier output whole.
 """
 
 from __future__ import annotations
@@ -83,14 +83,14 @@ def claim(out: Path, fingerprint: str, force: bool) -> Path:
     return work
 
 
-def publish(out: Path, work: Path, names: list[str], manifest: dict[str, Any]) -> None:
-    """Move the files ``names`` from ``work/out/`` into ``out``, delete what an earlier prepare
-    left there, write ``manifest`` and remove ``work``."""
+def publish(out: Path, work: Path, files: dict[str, str], manifest: dict[str, Any]) -> None:
+    """Move each file of ``work/out/`` named in ``files`` into ``out`` under its new name,
+    delete what an earlier prepare left there, write ``manifest`` and remove ``work``."""
     (out / MANIFEST).unlink(missing_ok=True)
-    for name in names:
-        os.replace(work / STAGE / name, out / name)
+    for staged, name in files.items():
+        os.replace(work / STAGE / staged, out / name)
     for path in _outputs(out):
-        if path.name not in names:
+        if path.name not in files.values():
             path.unlink()
     write_manifest(out, manifest)
     shutil.rmtree(work)

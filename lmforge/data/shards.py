@@ -15,7 +15,9 @@ shard is written to a temporary file and renamed into place, so a reader never s
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +36,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+@contextmanager
+def shard_writer(path: str | Path, dtype: np.dtype) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write one shard a document at a time: yields ``add(tokens)``, which appends a document
+    (its separator already appended) to the file; only the offsets stay in memory. The shard
+    appears at ``path`` when the block ends without an error."""
+    little = np.dtype(dtype).newbyteorder("<")
+    offsets = array("Q", [0])
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(bytes(HEADER_BYTES))
+
+        def add(tokens: np.ndarray) -> None:
+            f.write(np.asarray(tokens).astype(little, copy=False).tobytes())
+            offsets.append(offsets[-1] + len(tokens))
+
+        yield add
+        f.write(np.frombuffer(offsets, np.uint64).astype("<u8", copy=False).tobytes())
+        f.seek(0)
+        f.write(_HEADER.pack(MAGIC, VERSION, little.itemsize, offsets[-1], len(offsets) - 1))
+
+
 def write_shard(path: str | Path, documents: Sequence[Sequence[int] | np.ndarray],
                 dtype: np.dtype) -> Path:
     """Write ``documents`` (token id sequences, separators already appended) as one shard."""
-    lengths = np.fromiter((len(d) for d in documents), dtype=np.uint64, count=len(documents))
-    offsets = np.zeros(len(documents) + 1, dtype=np.uint64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = (np.concatenate([np.asarray(d, dtype=dtype) for d in documents])
-              if documents else np.zeros(0, dtype=dtype))
-    header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(tokens), len(documents))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(header)
-        f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-        f.write(offsets.astype("<u8", copy=False).tobytes())
+    with shard_writer(path, dtype) as add:
+        for doc in documents:
+            add(np.asarray(doc, dtype=dtype))
     return Path(path)
 
 

@@ -44,7 +44,8 @@ from lmforge.data.reading import ReadOptions, Utf8Errors, decode_utf8
 from lmforge.data.web_sources import read_web_file, web_kind
 from lmforge.errors import InputError
 
-__all__ = ["ReadOptions", "Utf8Errors", "decode_utf8", "documents", "parse_spec", "texts"]
+__all__ = ["ReadOptions", "Utf8Errors", "decode_utf8", "documents", "parse_spec", "partitions",
+           "read_documents", "texts"]
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,17 @@ def require_hub(spec: str, host: str = "huggingface.co", timeout: float = 3.0) -
                          "and pass them as paths with --field") from None
 
 
-def _read(spec: str, opts: ReadOptions) -> Iterator[Document]:
+def partitions(spec: str) -> list[str]:
+    """The units of parallel work of one SPEC (without ``@WEIGHT``), in reading order: each file
+    of a path, directory or glob, or a ``builtin:``, ``hf:`` or ``code:`` SPEC whole. Reading them
+    one after another gives the documents of ``spec``."""
+    if spec.startswith(("builtin:", "hf:", "code:")):
+        return [spec]
+    return [str(path) for path in _files(spec)]
+
+
+def read_documents(spec: str, opts: ReadOptions) -> Iterator[Document]:
+    """Documents of one SPEC or partition, in a deterministic order (none is not an error)."""
     if spec.startswith("builtin:"):
         yield from builtin_documents(spec.removeprefix("builtin:"))
         return
@@ -267,7 +278,7 @@ def documents(spec: str, opts: ReadOptions | None = None) -> Iterator[Document]:
     """Documents of one input SPEC (without ``@WEIGHT``), in a deterministic order; raises when
     the SPEC yields none."""
     n = 0
-    for doc in _read(spec, opts or ReadOptions()):
+    for doc in read_documents(spec, opts or ReadOptions()):
         n += 1
         yield doc
     if n == 0:

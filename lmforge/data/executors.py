@@ -1,0 +1,128 @@
+"""Where the tasks of ``lmforge data prepare`` run: a local process pool, or a Ray cluster.
+
+An executor runs a stage: one function over a list of argument tuples, every task independent,
+and returns their results in order once all are done. Tasks share nothing but the files under the
+run's work directory, so on Ray the output directory must be on storage every node sees (a shared
+or network file system). A task's outputs are written whole or not at all and it skips what is
+already there, so a task may run twice: Ray reruns one whose worker died (``max_retries``), and a
+rerun of the command redoes only unfinished tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+from lmforge.errors import ConfigError, LmforgeError, TaskFailed
+from lmforge.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+RAY_RETRIES = 3  # reruns of a task whose Ray worker died (killed, out of memory, node lost)
+
+
+class Executor(Protocol):
+    slots: int  # tasks that run at once
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """A pool of ``workers`` processes on this machine (forked where the platform can), a new
+    one per stage; with one worker, tasks run in this process."""
+
+    def __init__(self, workers: int, progress: bool) -> None:
+        self.slots = workers or os.cpu_count() or 1
+        self.progress = progress
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]:
+        with progress_bar(self.progress, desc=desc, total=len(jobs), unit="task") as bar:
+            if self.slots == 1 or len(jobs) <= 1:
+                results = []
+                for job in jobs:
+                    results.append(fn(*job))
+                    bar.update()
+                return results
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(min(self.slots, len(jobs)), mp.get_context(method))
+            futures = [pool.submit(fn, *job) for job in jobs]
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()  # the first failure stops the stage
+                    bar.update(len(done))
+            except BrokenProcessPool:
+                raise TaskFailed(f"{desc}: a worker process died (killed, or out of memory); "
+                                 "rerun the same command to resume") from None
+            except BaseException:
+                for process in mp.active_children():  # stop the tasks still running
+                    process.terminate()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            return [future.result() for future in futures]
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Ray tasks, one CPU each, on the cluster at ``address`` (else ``$RAY_ADDRESS``; else a
+    local Ray started for the run with ``workers`` CPUs, or one per core)."""
+
+    def __init__(self, address: str, workers: int, progress: bool) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor: ray needs Ray (pip install 'lmforge[scale]')") from None
+        self.ray, self.progress = ray, progress
+        self.started = not ray.is_initialized()
+        if self.started:
+            address = address or os.environ.get("RAY_ADDRESS", "")
+            local = {} if address else {"num_cpus": workers or os.cpu_count() or 1}
+            ray.init(address=address or None, include_dashboard=False,
+                     logging_level=logging.WARNING, **local)
+        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        log.info("ray: %d CPUs in the cluster", self.slots)
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(fn)
+        refs = [remote.remote(*job) for job in jobs]
+        with progress_bar(self.progress, desc=desc, total=len(jobs), unit="task") as bar:
+            try:
+                pending = list(refs)
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    ray.get(done)  # the first failure stops the stage
+                    bar.update(len(done))
+            except BaseException as e:
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, LmforgeError):  # bad input: its own one-line message
+                    raise cause from None
+                if isinstance(e, ray.exceptions.RayError):
+                    raise TaskFailed(f"{desc}: {str(e).strip().splitlines()[0]}; rerun the same "
+                                     "command to resume") from e
+                raise
+        return ray.get(refs)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(kind: str, ray_address: str, workers: int, progress: bool) -> Executor:
+    if kind == "ray":
+        return RayExecutor(ray_address, workers, progress)
+    return LocalExecutor(workers, progress)
