@@ -62,7 +62,11 @@ Running
 -------
 ``make bench`` (or ``python benchmarks/data_bench.py``) runs the 100 MB corpus (about 5 minutes
 on 2 idle cores, most of it datatrove; building the corpus the first time adds one);
-``--quick`` is a smoke test on 10 MB with one run of each. Tables
+``--quick`` is a smoke test on 10 MB with one run of each. ``--executor ray`` runs both sides on
+one local Ray of 2 CPUs, started once before the runs (lmforge's ``--executor ray``, datatrove's
+``RayPipelineExecutor`` per stage, one CPU per task), and lmforge once more on its local executor,
+to state Ray's overhead and check that both executors write the same shards; CPU seconds are not
+reported there (they are spent in Ray's worker processes). Tables
 are printed as Markdown. datatrove's logs go to ``<work dir>/datatrove.log``; outputs are deleted
 at the end, the corpus is kept.
 """
@@ -416,12 +420,27 @@ def run_lmforge(corpus: Corpus, out: Path, dedup: bool = True, executor: str = "
     cpu, start = _cpu_seconds(), time.perf_counter()
     manifest = prepare(config)
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    cpu = cpu if executor == "local" else float("nan")  # Ray's workers are not our children
     stats = manifest["stats"]
     if stats["input"]["documents"] != corpus.documents:
         raise RuntimeError(f"lmforge read {stats['input']['documents']} documents, "
                            f"expected {corpus.documents}")
     return Result(wall, cpu, manifest["num_documents"], dict(stats["filters"]),
                   stats["dedup"]["exact"], stats["dedup"]["near"], manifest["num_tokens"], load)
+
+
+def _cpu_text(seconds: float) -> str:
+    return "–" if seconds != seconds else f"{seconds:.1f}"  # NaN: spent in Ray's workers
+
+
+def _total(entry: Any) -> int:
+    """A datatrove stats entry's total: a MetricStats, or (read back from stats.json, as the Ray
+    executor leaves them) a {"total": ...} mapping or a bare number; 0 when absent."""
+    if entry is None:
+        return 0
+    if isinstance(entry, dict):
+        return int(entry.get("total", 0))
+    return int(getattr(entry, "total", entry))
 
 
 def _collapsed_text(doc: Any) -> str:
@@ -520,16 +539,20 @@ def run_datatrove(corpus: Corpus, work: Path, executor: str = "local") -> Result
                                               workers=min(tasks, WORKERS), logging_dir=logs)
             cpu[name], start = _cpu_seconds(), time.perf_counter()
             stats[name] = stage.run()
+            if stats[name] is None:  # RayPipelineExecutor leaves its totals in stats.json
+                from datatrove.utils.stats import PipelineStats
+
+                with open(Path(logs) / "stats.json", encoding="utf-8") as f:
+                    stats[name] = PipelineStats.from_json(json.load(f))
             times[name] = time.perf_counter() - start
-            cpu[name] = _cpu_seconds() - cpu[name]
+            cpu[name] = _cpu_seconds() - cpu[name] if executor == "local" else float("nan")
 
     def stat(name: str, step: int, key: str) -> int:
-        entry = stats[name].stats[step].stats.get(key)
-        return int(entry.total) if entry is not None else 0
+        return _total(stats[name].stats[step].stats.get(key))
 
     def reasons(step: int) -> Counter:
         found = stats["filter"].stats[step].stats
-        return Counter({k.removeprefix("dropped_"): int(v.total) for k, v in found.items()
+        return Counter({k.removeprefix("dropped_"): _total(v) for k, v in found.items()
                         if k.startswith("dropped_")})
 
     read = stat("filter", 0, "documents")
@@ -608,7 +631,7 @@ def _row(name: str, corpus: Corpus, r: Result) -> list[str]:
     drops = sum(r.filter_drops.values())
     kept = f"{r.kept:,} ({100 * r.kept / corpus.documents:.1f}%)"
     return [name, f"{corpus.documents:,}", f"{corpus.mb:.1f}", f"{r.wall:.1f}",
-            f"{corpus.documents / r.wall:,.0f}", f"{r.cpu:.1f}", kept, f"{drops:,}",
+            f"{corpus.documents / r.wall:,.0f}", _cpu_text(r.cpu), kept, f"{drops:,}",
             f"{r.exact:,} / {r.near:,}", f"{r.tokens:,}"]
 
 
@@ -659,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"(load before: {runs[name][-1].load:.1f})", flush=True)
     best = {name: min(rs, key=lambda r: r.wall) for name, rs in runs.items()}
     ours, theirs = best["lmforge"], best["datatrove"]
+    local = ours
     if args.executor == "ray":
         local = run_lmforge(corpus, args.work / "out-lmforge-local")
         same = _same_output(args.work / "out-lmforge-local", args.work / "out-lmforge")
@@ -678,8 +702,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     headers = ["pipeline", "docs", "MB", "wall s", "docs/s", "CPU s", "kept docs", "filter drops",
                "dedup removed (exact / near)", "tokens written"]
     print(_table(headers, [_row("lmforge", corpus, ours), _row("datatrove", corpus, theirs)]))
+    cpu = ("" if args.executor == "ray" else  # Ray's workers are not this process's children
+           f"CPU seconds: {theirs.cpu / ours.cpu:.2f}× fewer. ")
     print(f"\nlmforge / datatrove docs/s: **{theirs.wall / ours.wall:.2f}×** (target ≥ 1.0×); "
-          f"CPU seconds: {theirs.cpu / ours.cpu:.2f}× fewer. All runs, wall s (load average "
+          f"{cpu}All runs, wall s (load average "
           "before): " + "; ".join(f"{n} " + ", ".join(f"{r.wall:.1f} ({r.load:.1f})" for r in rs)
                                   for n, rs in runs.items()))
 
@@ -690,12 +716,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                   for n in FILTER_NAMES]))
     print("\nRules datatrove implements differently:\n" + DT_DIFFERENCES)
 
-    print("\n### Where the time goes\n")
+    print("\n### Where the time goes (lmforge: local executor)\n")
     rows = [["lmforge", "filter + tokenize + write (dedup off)", f"{no_dedup.wall:.1f}",
              f"{no_dedup.cpu:.1f}"],
             ["lmforge", "MinHash signatures + exact/LSH dedup (difference)",
-             f"{ours.wall - no_dedup.wall:.1f}", f"{ours.cpu - no_dedup.cpu:.1f}"]]
-    rows += [["datatrove", name, f"{wall:.1f}", f"{cpu:.1f}"]
+             f"{local.wall - no_dedup.wall:.1f}", f"{local.cpu - no_dedup.cpu:.1f}"]]
+    rows += [["datatrove", name, f"{wall:.1f}", _cpu_text(cpu)]
              for name, (wall, cpu) in theirs.stages.items()]
     print(_table(["pipeline", "stage", "wall s", "CPU s"], rows))
     if args.profile_mb > 0:

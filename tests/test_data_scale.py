@@ -242,6 +242,25 @@ def test_ray_run_with_a_killed_driver_resumes_on_ray(tmp_path, parts, tok_path):
             tmp_path / "local" / s["path"]).read_bytes()
 
 
+def _prepare_noting_the_error(cfg: DataConfig, note: Path) -> None:
+    try:
+        prepare(cfg)
+    except Exception as e:  # what the CLI would print, for the parent to read
+        note.write_text(f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.ray
+def test_bad_input_in_a_ray_task_is_the_same_one_line_error(tmp_path, parts, tok_path):
+    _ray_or_skip()
+    paths, _ = parts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    cfg = config(tmp_path, [*paths, bad], tok_path, executor="ray", strict=True)
+    assert _spawned(_prepare_noting_the_error, cfg, tmp_path / "error") == 0
+    assert (tmp_path / "error").read_text() == (
+        f"InputError: {bad}: line 2: not JSON (Expecting value)")
+
+
 def test_ray_needs_one_rank(tmp_path, tok_path):
     from lmforge.errors import ConfigError
 

@@ -10,15 +10,18 @@ rerun of the command redoes only unfinished tasks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-from lmforge.errors import ConfigError, LmforgeError, TaskFailed
+from lmforge.errors import ConfigError, TaskFailed
 from lmforge.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -26,12 +29,65 @@ log = logging.getLogger(__name__)
 RAY_RETRIES = 3  # reruns of a task whose Ray worker died (killed, out of memory, node lost)
 
 
+Count = Callable[[], int]  # what a stage has done so far (e.g. chunk files on disk), for its bar
+
+
 class Executor(Protocol):
     slots: int  # tasks that run at once
 
-    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str,
+            count: tuple[str, Count] | None = None) -> list[Any]: ...
 
     def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While running, SIGTERM (what Slurm and Kubernetes send) stops the run as Ctrl-C does: the
+    running tasks are stopped, the finished ones kept for a rerun."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_signals() -> None:
+    """In a pool worker: Ctrl-C is for the driver (which stops the pool), SIGTERM ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _Bar:
+    """A stage's progress: its finished tasks or, with ``count`` = (unit, function), what the
+    function reports (polled while tasks run: a task may be long)."""
+
+    POLL = 1.0  # seconds between polls
+
+    def __init__(self, enabled: bool, desc: str, tasks: int, count: tuple[str, Count] | None
+                 ) -> None:
+        self.count = count[1] if count else None
+        self.bar = progress_bar(enabled, desc=desc, total=None if count else tasks,
+                                unit=count[0] if count else "task")
+
+    def tasks_done(self, n: int) -> None:
+        if self.count is None:
+            self.bar.update(n)
+        else:
+            self.bar.update(self.count() - self.bar.n)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *error: Any) -> None:
+        self.bar.close()
 
 
 class LocalExecutor:
@@ -42,24 +98,26 @@ class LocalExecutor:
         self.slots = workers or os.cpu_count() or 1
         self.progress = progress
 
-    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]:
-        with progress_bar(self.progress, desc=desc, total=len(jobs), unit="task") as bar:
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str,
+            count: tuple[str, Count] | None = None) -> list[Any]:
+        with _Bar(self.progress, desc, len(jobs), count) as bar:
             if self.slots == 1 or len(jobs) <= 1:
                 results = []
                 for job in jobs:
                     results.append(fn(*job))
-                    bar.update()
+                    bar.tasks_done(1)
                 return results
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = ProcessPoolExecutor(min(self.slots, len(jobs)), mp.get_context(method))
+            pool = ProcessPoolExecutor(min(self.slots, len(jobs)), mp.get_context(method),
+                                       initializer=_worker_signals)
             futures = [pool.submit(fn, *job) for job in jobs]
             try:
                 pending = set(futures)
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    done, pending = wait(pending, _Bar.POLL, FIRST_COMPLETED)
                     for future in done:
                         future.result()  # the first failure stops the stage
-                    bar.update(len(done))
+                    bar.tasks_done(len(done))
             except BrokenProcessPool:
                 raise TaskFailed(f"{desc}: a worker process died (killed, or out of memory); "
                                  "rerun the same command to resume") from None
@@ -94,26 +152,27 @@ class RayExecutor:
         self.slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
         log.info("ray: %d CPUs in the cluster", self.slots)
 
-    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str) -> list[Any]:
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], desc: str,
+            count: tuple[str, Count] | None = None) -> list[Any]:
         ray = self.ray
         remote = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(fn)
         refs = [remote.remote(*job) for job in jobs]
-        with progress_bar(self.progress, desc=desc, total=len(jobs), unit="task") as bar:
+        with _Bar(self.progress, desc, len(jobs), count) as bar:
             try:
                 pending = list(refs)
                 while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
+                    done, pending = ray.wait(pending, num_returns=1, timeout=_Bar.POLL)
                     ray.get(done)  # the first failure stops the stage
-                    bar.update(len(done))
+                    bar.tasks_done(len(done))
             except BaseException as e:
                 for ref in refs:
                     ray.cancel(ref, force=True)
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, LmforgeError):  # bad input: its own one-line message
+                if cause is not None:  # the task's own error, as the local executor raises it
                     raise cause from None
-                if isinstance(e, ray.exceptions.RayError):
-                    raise TaskFailed(f"{desc}: {str(e).strip().splitlines()[0]}; rerun the same "
-                                     "command to resume") from e
+                if isinstance(e, ray.exceptions.RayError):  # a worker or node lost for good
+                    raise TaskFailed(f"{desc}: {type(e).__name__} after {RAY_RETRIES} retries; "
+                                     "rerun the same command to resume") from e
                 raise
         return ray.get(refs)
 

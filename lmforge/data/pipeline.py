@@ -36,14 +36,21 @@ import numpy as np
 
 from lmforge.config import to_dict
 from lmforge.data import boilerplate
-from lmforge.data.executors import Executor, make_executor
+from lmforge.data.executors import Executor, make_executor, terminate_as_interrupt
 from lmforge.data.global_dedup import Plan, bucket_edges, clusters, index_partition
 from lmforge.data.manifest import load_manifest, totals
 from lmforge.data.output import REJECTS, STAGE, claim, finished, publish
 from lmforge.data.packing import rejects_file, write_partition
 from lmforge.data.pii import TYPES as PII_TYPES
 from lmforge.data.prepare_config import DataConfig, normalize
-from lmforge.data.process import Partition, chunk_file, list_partitions, read_stats, run_task
+from lmforge.data.process import (
+    Partition,
+    chunk_file,
+    count_chunks,
+    list_partitions,
+    read_stats,
+    run_task,
+)
 from lmforge.data.shards import token_dtype
 from lmforge.data.sources import parse_spec
 from lmforge.errors import InputError
@@ -82,7 +89,8 @@ def prepare(config: DataConfig) -> dict[str, Any]:
         executor = make_executor(config.executor, config.ray_address, config.workers,
                                  config.progress)
         try:
-            manifest, files = _run(config, tok, work, executor)
+            with terminate_as_interrupt():
+                manifest, files = _run(config, tok, work, executor)
         finally:
             executor.close()
         manifest["fingerprint"] = fingerprint
@@ -100,7 +108,8 @@ def _run(config: DataConfig, tok: Tokenizer, work: Path, executor: Executor
     share = -(-executor.slots // len(parts))  # tasks per partition: keep every worker busy
     if config.boilerplate_lines and boilerplate.load(work) is None:  # a resumed run has it
         executor.map(run_task, [("count", config, work, p, j, share) for p in parts
-                                for j in range(share)], "count lines")
+                                for j in range(share)], "count lines",
+                     (" chunks", lambda: count_chunks(work, "count")))
         counter = boilerplate.LineCounter()
         for p in parts:
             for k in range(read_stats(work, p.index)["chunks"]):
@@ -109,7 +118,8 @@ def _run(config: DataConfig, tok: Tokenizer, work: Path, executor: Executor
         boilerplate.save(work, counter.frequent(config.boilerplate_lines))
         log.info("boilerplate: %d distinct lines counted", counter.distinct)
     executor.map(run_task, [("process", config, work, p, j, share) for p in parts
-                            for j in range(share)], "filter+tokenize")
+                            for j in range(share)], "filter+tokenize",
+                 (" chunks", lambda: count_chunks(work, "process")))
     read = [read_stats(work, p.index) for p in parts]
     _check_sources(config, parts, read)
 

@@ -20,6 +20,7 @@ filters, exact key, MinHash band keys, train/validation split, tokens).
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ def list_partitions(config: DataConfig) -> list[Partition]:
 def chunk_file(work: Path, stage: Stage, partition: int, k: int) -> Path:
     folder = "chunks" if stage == "process" else "lines"
     return work / folder / f"{partition:05d}_{k:06d}.npz"
+
+
+def count_chunks(work: Path, stage: Stage) -> int:
+    """Chunk files of ``stage`` written so far (its progress)."""
+    folder = chunk_file(work, stage, 0, 0).parent
+    return sum(1 for e in os.scandir(folder) if e.name.endswith(".npz")) if folder.exists() else 0
 
 
 def read_file(work: Path, partition: int) -> Path:
