@@ -59,13 +59,14 @@ def measure(files: list[str], tokenizer: str, out: str) -> dict:
              "dedup buckets": ("dedup",), "write shards": ("out",), "count lines": ("lines",)}
     real_map = executors.LocalExecutor.map
 
-    def timed_map(self, fn, jobs, desc):  # the stage's cost and what it left on disk
+    def timed_map(self, fn, jobs, desc, count=None):  # the stage's cost, what it left on disk
         before = {name: _bytes(work / name) for name in sizes.get(desc, ())}
         cpu, start = _cpu(), time.perf_counter()
-        result = real_map(self, fn, jobs, desc)
+        result = real_map(self, fn, jobs, desc, count)
         stages.append({"stage": desc, "tasks": len(jobs), "wall": time.perf_counter() - start,
                        "cpu": _cpu() - cpu,
-                       "bytes": sum(_bytes(work / n) - before[n] for n in before)})
+                       "bytes": sum(_bytes(work / n) - before[n] for n in before),
+                       "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return result
 
     executors.LocalExecutor.map = timed_map
@@ -98,14 +99,22 @@ def main() -> None:
     parser.add_argument("--work", type=Path,
                         default=Path(tempfile.gettempdir()) / "lmforge-data-bench")
     parser.add_argument("--measure", nargs=3, metavar=("FILES_JSON", "TOKENIZER", "OUT"),
-                        help=argparse.SUPPRESS)  # the child process
+                        help=argparse.SUPPRESS)  # a child process: one prepare
+    parser.add_argument("--build", type=int, metavar="MB", help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure[0]), *args.measure[1:])))
         return
+    if args.build:
+        data_bench.build_corpus(args.build, 0, args.work, files=max(1, args.build // FILE_MB))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     for mb in (args.small, args.large):
+        # Built in a child: a process's peak RSS is inherited by what it forks and execs, so this
+        # one must stay small for the measuring child's figure to be its own.
+        subprocess.run([sys.executable, __file__, "--build", str(mb), "--work", str(args.work)],
+                       check=True)
         corpus = data_bench.build_corpus(mb, 0, args.work, files=max(1, mb // FILE_MB))
         out = data_bench._fresh(args.work / f"out-memory-{mb}")
         child = subprocess.run([sys.executable, __file__, "--measure",
