@@ -290,3 +290,50 @@ def test_dedup_entries_are_sorted_by_bucket_with_offsets(tmp_path, parts, tok_pa
     monkeypatch.setattr(pipeline, "_run", run_and_inspect)
     prepare(config(tmp_path, paths, tok_path))
     assert seen == [14]
+
+
+def test_output_on_an_fsspec_url_is_what_a_path_gets(tmp_path, parts, tok_path):
+    """file:// goes through fsspec, as s3:// or gs:// would (PUTs, listings, ranged reads,
+    copies), on a file system the pool's processes share."""
+    paths, _ = parts
+    local = prepare(config(tmp_path, paths, tok_path, out=str(tmp_path / "local"), rejects=True))
+    url = f"file://{tmp_path / 'remote'}"
+    remote = prepare(config(tmp_path, paths, tok_path, out=url, rejects=True))
+    assert remote["stats"] == local["stats"] and remote["shards"] == local["shards"]
+    assert load_manifest(url) == remote
+    got, want = contents(tmp_path / "remote"), contents(tmp_path / "local")
+    assert got.pop("manifest.json") != want.pop("manifest.json")  # config.out differs
+    assert got == want
+    assert prepare(config(tmp_path, paths, tok_path, out=url, rejects=True)) == remote  # done
+
+
+def test_output_in_memory_store(tmp_path, parts, tok_path):
+    """fsspec's in-memory file system: nothing of the run touches the local disk but its
+    inputs (one worker: the memory is this process's)."""
+    import fsspec
+
+    paths, _ = parts
+    local = prepare(config(tmp_path, paths, tok_path, out=str(tmp_path / "local"), workers=1))
+    url = f"memory://lmforge-test-{os.getpid()}/data"
+    try:
+        remote = prepare(config(tmp_path, paths, tok_path, out=url, workers=1))
+        assert remote["shards"] == local["shards"] and remote["stats"] == local["stats"]
+        fs = fsspec.filesystem("memory")
+        for s in local["shards"]:
+            assert fs.cat_file(f"{url}/{s['path']}") == (tmp_path / "local" / s["path"]
+                                                         ).read_bytes()
+        assert not fs.exists(f"{url}/.work")
+    finally:
+        fsspec.filesystem("memory").rm(f"memory://lmforge-test-{os.getpid()}", recursive=True)
+
+
+@pytest.mark.parametrize("location", ["local", "url"])
+def test_store_reads_rows_of_an_npy_file(tmp_path, location):
+    from lmforge.data.storage import Store
+
+    root = Store(tmp_path if location == "local" else f"file://{tmp_path}")
+    array = np.arange(60, dtype=np.uint64).reshape(20, 3)
+    (root / "a.npy").save_array(array)
+    assert np.array_equal((root / "a.npy").rows(4, 9), array[4:9])
+    assert (root / "a.npy").rows(7, 7).shape == (0, 3)
+    assert root.names() == ["a.npy"] and (root / "missing").names() == []

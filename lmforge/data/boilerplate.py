@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
-from lmforge.files import atomic_path
+from lmforge.data.storage import Store
 
 MIN_CHARS = 10  # shorter stripped lines are never counted or removed (see the module docstring)
 FILE = "boilerplate.npy"  # the boilerplate set in the work directory, so a resumed run reuses it
@@ -99,16 +98,15 @@ class LineCounter:
         return len(self.values)
 
 
-def save(work: Path, hashes: np.ndarray) -> None:
+def save(work: Store, hashes: np.ndarray) -> None:
     """Write the boilerplate set to ``work/boilerplate.npy`` (whole or not at all)."""
-    with atomic_path(work / FILE) as tmp, open(tmp, "wb") as f:
-        np.save(f, hashes.astype(np.uint64))
+    (work / FILE).save_array(hashes.astype(np.uint64))
 
 
-def load(work: Path) -> np.ndarray | None:
+def load(work: Store) -> np.ndarray | None:
     """The boilerplate set a previous (interrupted) run saved in ``work``, or None."""
     path = work / FILE
-    return np.load(path, allow_pickle=False) if path.exists() else None
+    return path.load_array() if path.exists() else None
 
 
 def remove_lines(text: str, boilerplate: np.ndarray) -> tuple[str, int]:

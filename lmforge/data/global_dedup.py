@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from lmforge.data.dedup import DedupConfig, connected_components, duplicate_edges
 from lmforge.data.pii import TYPES as PII_TYPES
 from lmforge.data.process import chunk_file
-from lmforge.files import atomic_path, atomic_write_text
+from lmforge.data.storage import Store
 
 BUCKET_ENTRIES = 1 << 21  # documents per bucket (16–24 bytes each), before E or S grows
 
@@ -61,17 +60,12 @@ class Plan:
                 + [("near", b) for b in range(self.bands * self.near_splits)] * self.near)
 
 
-def _folder(work: Path) -> Path:
+def _folder(work: Store) -> Store:
     return work / "dedup"
 
 
-def summary_file(work: Path, partition: int) -> Path:
+def summary_file(work: Store, partition: int) -> Store:
     return _folder(work) / f"{partition:05d}.json"
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
 
 
 def _bucketed(entries: np.ndarray, bucket: np.ndarray, n_buckets: int
@@ -82,7 +76,7 @@ def _bucketed(entries: np.ndarray, bucket: np.ndarray, n_buckets: int
     return entries[order], offsets.astype(np.int64)
 
 
-def index_partition(work: Path, partition: int, chunks: int, plan: Plan) -> dict[str, Any]:
+def index_partition(work: Store, partition: int, chunks: int, plan: Plan) -> dict[str, Any]:
     """Stage 1 for one partition; returns (and writes) its summary: ``kept`` documents, drops
     per filter, languages, PII and boilerplate counts."""
     marker = summary_file(work, partition)
@@ -94,17 +88,16 @@ def index_partition(work: Path, partition: int, chunks: int, plan: Plan) -> dict
     pii = np.zeros(len(PII_TYPES), np.int64)
     lines = np.zeros(2, np.int64)
     for k in range(chunks):
-        with np.load(chunk_file(work, "process", partition, k), allow_pickle=False) as z:
-            reasons = z["reasons"].tolist()
-            drops.update(r.split(":")[0] for r in reasons if r)
-            for language, reason in zip(z["languages"].tolist(), reasons, strict=True):
-                if language:
-                    languages.setdefault(language, Counter())["dropped" if reason else
-                                                              "kept"] += 1
-            pii += z["pii"]
-            lines += z["boilerplate"]
-            keys.append(z["keys"])
-            bands.append(z["bands"])
+        z = chunk_file(work, "process", partition, k).load_arrays()
+        reasons = z["reasons"].tolist()
+        drops.update(r.split(":")[0] for r in reasons if r)
+        for language, reason in zip(z["languages"].tolist(), reasons, strict=True):
+            if language:
+                languages.setdefault(language, Counter())["dropped" if reason else "kept"] += 1
+        pii += z["pii"]
+        lines += z["boilerplate"]
+        keys.append(z["keys"])
+        bands.append(z["bands"])
     key = np.concatenate(keys) if keys else np.zeros((0, 2), np.uint64)
     kept = len(key)
     ids = (np.uint64(partition) << np.uint64(32)) | np.arange(kept, dtype=np.uint64)
@@ -123,46 +116,46 @@ def index_partition(work: Path, partition: int, chunks: int, plan: Plan) -> dict
     summary = {"kept": kept, "filters": dict(drops),
                "languages": {lang: dict(c) for lang, c in languages.items()},
                "pii": pii.tolist(), "boilerplate": lines.tolist()}
-    atomic_write_text(marker, json.dumps(summary))
+    marker.write_text(json.dumps(summary))
     return summary
 
 
-def _save_buckets(work: Path, partition: int, kind: str, entries: np.ndarray,
+def _save_buckets(work: Store, partition: int, kind: str, entries: np.ndarray,
                   offsets: np.ndarray) -> None:
-    _save(_folder(work) / f"{partition:05d}.{kind}.npy", entries)
-    _save(_folder(work) / f"{partition:05d}.{kind}_index.npy", offsets)
+    (_folder(work) / f"{partition:05d}.{kind}.npy").save_array(entries)
+    (_folder(work) / f"{partition:05d}.{kind}_index.npy").save_array(offsets)
 
 
-def _edges_file(work: Path, kind: str, bucket: int) -> Path:
+def _edges_file(work: Store, kind: str, bucket: int) -> Store:
     return _folder(work) / f"{kind}_{bucket:05d}.npy"
 
 
-def bucket_edges(work: Path, kind: str, bucket: int, partitions: int) -> None:
+def bucket_edges(work: Store, kind: str, bucket: int, partitions: int) -> None:
     """Stage 2 for one bucket: its duplicate edges, (member, lowest id) rows."""
     path = _edges_file(work, kind, bucket)
     if path.exists():
         return
     parts = []
     for p in range(partitions):
-        offsets = np.load(_folder(work) / f"{p:05d}.{kind}_index.npy")
-        entries = np.load(_folder(work) / f"{p:05d}.{kind}.npy", mmap_mode="r")
-        parts.append(np.asarray(entries[offsets[bucket]:offsets[bucket + 1]]))
+        offsets = (_folder(work) / f"{p:05d}.{kind}_index.npy").load_array()
+        parts.append((_folder(work) / f"{p:05d}.{kind}.npy").rows(offsets[bucket],
+                                                                   offsets[bucket + 1]))
     entries = np.concatenate(parts)
     members, heads = duplicate_edges(entries[:, :-1], entries[:, -1])
-    _save(path, np.column_stack([members, heads]).astype(np.uint64))
+    path.save_array(np.column_stack([members, heads]).astype(np.uint64))
 
 
-def _edges(work: Path, plan: Plan, kind: str) -> np.ndarray:
+def _edges(work: Store, plan: Plan, kind: str) -> np.ndarray:
     return np.concatenate([np.zeros((0, 2), np.uint64)] +
-                          [np.load(_edges_file(work, k, b)) for k, b in plan.buckets()
+                          [_edges_file(work, k, b).load_array() for k, b in plan.buckets()
                            if k == kind])
 
 
-def removed_file(work: Path) -> Path:
+def removed_file(work: Store) -> Store:
     return _folder(work) / "removed.npy"
 
 
-def clusters(work: Path, plan: Plan) -> dict[str, int]:
+def clusters(work: Store, plan: Plan) -> dict[str, int]:
     """Stage 3: the ids of the documents to remove, sorted, into ``removed.npy``; returns how
     many are exact and near duplicates (kept in ``removed.json`` for a resumed run)."""
     counts_file = _folder(work) / "removed.json"
@@ -174,18 +167,18 @@ def clusters(work: Path, plan: Plan) -> dict[str, int]:
     local = np.searchsorted(nodes, near_edges)
     label = connected_components(local[:, 0], local[:, 1], len(nodes))
     near = np.setdiff1d(nodes[label != np.arange(len(nodes))], exact)
-    _save(removed_file(work), np.union1d(exact, near).astype(np.uint64))
+    removed_file(work).save_array(np.union1d(exact, near).astype(np.uint64))
     counts = {"exact": len(exact), "near": len(near)}
-    atomic_write_text(counts_file, json.dumps(counts))
+    counts_file.write_text(json.dumps(counts))
     return counts
 
 
-def removed_in(work: Path, partition: int) -> np.ndarray:
+def removed_in(work: Store, partition: int) -> np.ndarray:
     """Positions (among the documents that passed the filters) of ``partition``'s duplicates."""
     path = removed_file(work)
     if not path.exists():
         return np.zeros(0, np.int64)
-    removed = np.load(path, mmap_mode="r")
+    removed = path.load_array()  # one id per duplicate
     lo, hi = np.searchsorted(removed, [np.uint64(partition) << np.uint64(32),
                                        np.uint64(partition + 1) << np.uint64(32)])
-    return (np.asarray(removed[lo:hi]) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return (removed[lo:hi] & np.uint64(0xFFFFFFFF)).astype(np.int64)

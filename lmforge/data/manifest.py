@@ -17,23 +17,28 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.storage import Store
 from lmforge.errors import InputError
-from lmforge.files import atomic_write_text
 
 FORMAT = "lmforge-data"
 VERSION = 1
 NAME = "manifest.json"
 
 
-def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(data_dir: str | Path | Store, manifest: dict[str, Any]) -> None:
     doc = {"format": FORMAT, "version": VERSION, **manifest}
-    return atomic_write_text(Path(data_dir) / NAME, json.dumps(doc, indent=2))
+    (_store(data_dir) / NAME).write_text(json.dumps(doc, indent=2))
 
 
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / NAME
+def _store(data_dir: str | Path | Store) -> Store:
+    return data_dir if isinstance(data_dir, Store) else Store(data_dir)
+
+
+def load_manifest(data_dir: str | Path | Store) -> dict[str, Any]:
+    """The manifest of a prepared directory (a path or an fsspec URL)."""
+    path = _store(data_dir) / NAME
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: no manifest; prepare the directory with `lmforge data "
                          "prepare` first") from None

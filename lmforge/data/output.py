@@ -17,14 +17,12 @@ written and ``.work/`` removed. A failure before that leaves an earlier output w
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 from lmforge.data.manifest import NAME as MANIFEST
 from lmforge.data.manifest import load_manifest, write_manifest
+from lmforge.data.storage import Store
 from lmforge.errors import InputError
 
 WORK = ".work"
@@ -34,17 +32,17 @@ _STAMP = "config.sha256"
 _OUTPUT = re.compile(rf"{re.escape(MANIFEST)}|{re.escape(REJECTS)}|(train|val)_\d+\.bin")
 
 
-def _outputs(out: Path) -> list[Path]:
+def _outputs(out: Store) -> list[Store]:
     """The files a prepare wrote into ``out``."""
-    return sorted(p for p in out.iterdir() if _OUTPUT.fullmatch(p.name))
+    return [out / name for name in out.names() if _OUTPUT.fullmatch(name)]
 
 
-def _stamp(work: Path) -> str | None:
+def _stamp(work: Store) -> str | None:
     stamp = work / _STAMP
     return stamp.read_text() if stamp.is_file() else None
 
 
-def finished(out: Path, fingerprint: str) -> dict[str, Any] | None:
+def finished(out: Store, fingerprint: str) -> dict[str, Any] | None:
     """The manifest of ``out`` when a prepare with ``fingerprint`` finished there (a ``.work/``
     it left behind is removed), else None."""
     try:
@@ -54,17 +52,17 @@ def finished(out: Path, fingerprint: str) -> dict[str, Any] | None:
     if manifest.get("fingerprint") != fingerprint:
         return None
     if _stamp(out / WORK) == fingerprint:  # stopped between writing the manifest and cleaning up
-        shutil.rmtree(out / WORK)
+        (out / WORK).remove_tree()
     return manifest
 
 
-def claim(out: Path, fingerprint: str, force: bool) -> Path:
+def claim(out: Store, fingerprint: str, force: bool) -> Store:
     """``out/.work`` for a run with ``fingerprint``, with ``out/.work/out/`` for its new files;
     an interrupted run's is kept, to resume. Raises :class:`InputError` when ``out`` cannot be
     written, or holds what another prepare wrote and ``force`` is not set."""
     work = out / WORK
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir()
         if _stamp(work) != fingerprint:
             found = [p.name for p in _outputs(out)] + ([f"{WORK}/"] if work.exists() else [])
             if found and not force:
@@ -73,9 +71,8 @@ def claim(out: Path, fingerprint: str, force: bool) -> Path:
                                  f"({', '.join(found[:3])}{more}); choose another --out, or pass "
                                  "--force to replace it (the old files are removed once the new "
                                  "ones are written)")
-            if work.exists():  # another config's cached chunks: never reuse them
-                shutil.rmtree(work)
-        (work / STAGE).mkdir(parents=True, exist_ok=True)
+            work.remove_tree()  # another config's cached chunks: never reuse them
+        (work / STAGE).mkdir()
         (work / _STAMP).write_text(fingerprint)
     except OSError as e:
         raise InputError(f"{out}: cannot write here ({e.strerror or e}); give a writable "
@@ -83,14 +80,14 @@ def claim(out: Path, fingerprint: str, force: bool) -> Path:
     return work
 
 
-def publish(out: Path, work: Path, files: dict[str, str], manifest: dict[str, Any]) -> None:
+def publish(out: Store, work: Store, files: dict[str, str], manifest: dict[str, Any]) -> None:
     """Move each file of ``work/out/`` named in ``files`` into ``out`` under its new name,
     delete what an earlier prepare left there, write ``manifest`` and remove ``work``."""
-    (out / MANIFEST).unlink(missing_ok=True)
+    (out / MANIFEST).remove()
     for staged, name in files.items():
-        os.replace(work / STAGE / staged, out / name)
+        (work / STAGE / staged).move_to(out / name)
     for path in _outputs(out):
         if path.name not in files.values():
-            path.unlink()
+            path.remove()
     write_manifest(out, manifest)
-    shutil.rmtree(work)
+    work.remove_tree()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,21 +24,21 @@ from lmforge.data.output import STAGE
 from lmforge.data.prepare_config import DataConfig
 from lmforge.data.process import chunk_file
 from lmforge.data.shards import shard_writer
-from lmforge.files import atomic_path, atomic_write_text
+from lmforge.data.storage import Store
 
 
-def marker_file(work: Path, partition: int) -> Path:
+def marker_file(work: Store, partition: int) -> Store:
     return work / "write" / f"{partition:05d}.json"
 
 
-def rejects_file(work: Path, partition: int) -> Path:
+def rejects_file(work: Store, partition: int) -> Store:
     return work / STAGE / f"{partition:05d}.rejects.jsonl"
 
 
 class _Split:
     """The shards of one split of one partition, written one after another."""
 
-    def __init__(self, folder: Path, partition: int, split: str, dtype: np.dtype,
+    def __init__(self, folder: Store, partition: int, split: str, dtype: np.dtype,
                  shard_tokens: int) -> None:
         self.folder, self.partition, self.split = folder, partition, split
         self.dtype, self.shard_tokens = dtype, shard_tokens
@@ -51,7 +50,8 @@ class _Split:
         if self._add is None or self.shards[-1]["tokens"] >= self.shard_tokens:
             self._open.close()  # the finished shard appears under its name
             name = f"{self.partition:05d}_{self.split}_{len(self.shards):05d}.bin"
-            self._add = self._open.enter_context(shard_writer(self.folder / name, self.dtype))
+            local = self._open.enter_context((self.folder / name).writing())
+            self._add = self._open.enter_context(shard_writer(local, self.dtype))
             self.shards.append({"path": name, "split": self.split, "tokens": 0, "documents": 0})
         self._add(tokens)
         self.shards[-1]["tokens"] += len(tokens)
@@ -65,7 +65,7 @@ class _Split:
         self._open.__exit__(*error)
 
 
-def write_partition(config: DataConfig, work: Path, partition: int, chunks: int,
+def write_partition(config: DataConfig, work: Store, partition: int, chunks: int,
                     dtype: np.dtype) -> dict[str, Any]:
     """Write ``partition``'s shards (and rejects); returns its marker: ``shards`` (name in
     ``.work/out``, split, tokens, documents) and ``rejects`` (documents written there)."""
@@ -79,27 +79,27 @@ def write_partition(config: DataConfig, work: Path, partition: int, chunks: int,
                                                    config.shard_tokens))
                   for name in ("train", "val")}
         if config.rejects:
-            tmp = stack.enter_context(atomic_path(rejects_file(work, partition)))
-            rejected = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+            local = stack.enter_context(rejects_file(work, partition).writing())
+            rejected = stack.enter_context(open(local, "w", encoding="utf-8"))
         for k in range(chunks):
-            with np.load(chunk_file(work, "process", partition, k), allow_pickle=False) as z:
-                lengths, tokens, val, repeats = z["lengths"], z["tokens"], z["val"], z["repeats"]
-                ends = np.cumsum(lengths)
-                drop = np.isin(np.arange(position, position + len(ends)), removed)
-                position += len(ends)
-                for i in np.flatnonzero(~drop):
-                    doc = tokens[ends[i] - lengths[i]:ends[i]]
-                    split = splits["val" if val[i] else "train"]
-                    for _ in range(int(repeats[i])):
-                        split.add(doc)
-                if config.rejects:
-                    reasons = [r for r in z["reasons"].tolist() if r]
-                    for name, reason, text in zip(z["rejected_names"].tolist(), reasons,
-                                                  z["rejected"].tolist(), strict=True):
-                        rejected.write(json.dumps({"name": name, "reason": reason,
-                                                   "text": text}) + "\n")
-                        rejects += 1
+            z = chunk_file(work, "process", partition, k).load_arrays()
+            lengths, tokens, val, repeats = z["lengths"], z["tokens"], z["val"], z["repeats"]
+            ends = np.cumsum(lengths)
+            drop = np.isin(np.arange(position, position + len(ends)), removed)
+            position += len(ends)
+            for i in np.flatnonzero(~drop):
+                doc = tokens[ends[i] - lengths[i]:ends[i]]
+                split = splits["val" if val[i] else "train"]
+                for _ in range(int(repeats[i])):
+                    split.add(doc)
+            if config.rejects:
+                reasons = [r for r in z["reasons"].tolist() if r]
+                for name, reason, text in zip(z["rejected_names"].tolist(), reasons,
+                                              z["rejected"].tolist(), strict=True):
+                    rejected.write(json.dumps({"name": name, "reason": reason, "text": text})
+                                   + "\n")
+                    rejects += 1
     result = {"shards": [s for split in splits.values() for s in split.shards],
               "rejects": rejects}
-    atomic_write_text(marker, json.dumps(result))
+    marker.write_text(json.dumps(result))
     return result

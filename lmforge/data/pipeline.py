@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from lmforge.data.process import (
 )
 from lmforge.data.shards import token_dtype
 from lmforge.data.sources import parse_spec
+from lmforge.data.storage import Store
 from lmforge.errors import InputError
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
@@ -101,7 +101,7 @@ def prepare(config: DataConfig) -> dict[str, Any]:
     return load_manifest(out)
 
 
-def _run(config: DataConfig, tok: Tokenizer, work: Path, executor: Executor
+def _run(config: DataConfig, tok: Tokenizer, work: Store, executor: Executor
          ) -> tuple[dict[str, Any], dict[str, str]]:
     """Every stage; the manifest and the files to publish (name in ``.work/out`` → in DIR)."""
     parts = list_partitions(config)
@@ -113,8 +113,8 @@ def _run(config: DataConfig, tok: Tokenizer, work: Path, executor: Executor
         counter = boilerplate.LineCounter()
         for p in parts:
             for k in range(read_stats(work, p.index)["chunks"]):
-                with np.load(chunk_file(work, "count", p.index, k)) as z:
-                    counter.add(z["values"], z["counts"])
+                z = chunk_file(work, "count", p.index, k).load_arrays()
+                counter.add(z["values"], z["counts"])
         boilerplate.save(work, counter.frequent(config.boilerplate_lines))
         log.info("boilerplate: %d distinct lines counted", counter.distinct)
     executor.map(run_task, [("process", config, work, p, j, share) for p in parts
@@ -176,14 +176,13 @@ def _final_names(written: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], d
     return shards, files
 
 
-def _join_rejects(work: Path, parts: list[Partition]) -> None:
-    with open(work / STAGE / REJECTS, "wb") as joined:
+def _join_rejects(work: Store, parts: list[Partition]) -> None:
+    with (work / STAGE / REJECTS).writing() as local, open(local, "wb") as joined:
         for p in parts:
-            with open(rejects_file(work, p.index), "rb") as f:
-                shutil.copyfileobj(f, joined)
+            joined.write(rejects_file(work, p.index).read_bytes())
 
 
-def _stats(config: DataConfig, work: Path, read: list[dict], summaries: list[dict],
+def _stats(config: DataConfig, work: Store, read: list[dict], summaries: list[dict],
            removed: dict[str, int], plan: Plan, partitions: int) -> dict[str, Any]:
     """The manifest's ``stats``: what each stage read, dropped, removed and changed."""
     inputs: Counter = Counter()
@@ -214,11 +213,11 @@ def _stats(config: DataConfig, work: Path, read: list[dict], summaries: list[dic
     return stats
 
 
-def _keep_if_resumable(work: Path) -> None:
+def _keep_if_resumable(work: Store) -> None:
     """After a failure: keep ``work`` when it holds finished chunks, which a rerun of the same
     command resumes from; else remove it."""
-    chunks = len(list(work.glob("*/*.npz")))
+    chunks = count_chunks(work, "count") + count_chunks(work, "process")
     if chunks or (work / boilerplate.FILE).exists():
         log.info("%s: kept %d finished chunk(s); rerun the same command to resume", work, chunks)
     else:
-        shutil.rmtree(work, ignore_errors=True)  # must not hide the error being raised
+        work.remove_tree()  # must not hide the error being raised

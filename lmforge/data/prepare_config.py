@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from lmforge.config import build, check_at_least, option
@@ -14,6 +13,7 @@ from lmforge.data.dedup import DedupConfig
 from lmforge.data.filter_result import DocumentFilter
 from lmforge.data.filters import build_filters
 from lmforge.data.reading import ReadOptions
+from lmforge.data.storage import Store
 from lmforge.errors import ConfigError
 
 
@@ -33,7 +33,8 @@ class DataConfig:
                                   "hf:NAME[:CONFIG]:SPLIT; @WEIGHT mixes (e.g. "
                                   "builtin:python-docs@2)")
     tokenizer: str = option("", "tokenizer file (lmforge tokenizer train)")
-    out: str = option("data", "output directory for shards and manifest.json")
+    out: str = option("data", "output directory for shards and manifest.json: a path, or an "
+                              "fsspec URL (s3://bucket/dir, gs://…) that every worker reaches")
     field: str = option("text", "JSONL field / Parquet column / dataset column holding the text")
     separator: str | None = option(None, "split text files into documents at this string")
     preset: str = option("web", "quality filter preset: web, prose or code")
@@ -114,8 +115,8 @@ class DataConfig:
                            strict=self.strict)
 
     @property
-    def out_dir(self) -> Path:
-        out = Path(self.out)
+    def out_dir(self) -> Store:
+        out = Store(self.out)
         return out / f"rank_{self.rank:05d}" if self.world_size > 1 else out
 
 

@@ -20,11 +20,9 @@ filters, exact key, MinHash band keys, train/validation split, tokens).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,7 +38,7 @@ from lmforge.data.prepare_config import DataConfig, normalize
 from lmforge.data.reading import ReadOptions
 from lmforge.data.shards import token_dtype
 from lmforge.data.sources import parse_spec, partitions, read_documents
-from lmforge.files import atomic_path, atomic_write_text
+from lmforge.data.storage import Store
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
 Stage = Literal["count", "process"]
@@ -60,22 +58,24 @@ def list_partitions(config: DataConfig) -> list[Partition]:
     return [Partition(i, source, spec) for i, (source, spec) in enumerate(specs)]
 
 
-def chunk_file(work: Path, stage: Stage, partition: int, k: int) -> Path:
-    folder = "chunks" if stage == "process" else "lines"
-    return work / folder / f"{partition:05d}_{k:06d}.npz"
+def _chunk_folder(stage: Stage) -> str:
+    return "chunks" if stage == "process" else "lines"
 
 
-def count_chunks(work: Path, stage: Stage) -> int:
+def chunk_file(work: Store, stage: Stage, partition: int, k: int) -> Store:
+    return work / _chunk_folder(stage) / f"{partition:05d}_{k:06d}.npz"
+
+
+def count_chunks(work: Store, stage: Stage) -> int:
     """Chunk files of ``stage`` written so far (its progress)."""
-    folder = chunk_file(work, stage, 0, 0).parent
-    return sum(1 for e in os.scandir(folder) if e.name.endswith(".npz")) if folder.exists() else 0
+    return sum(name.endswith(".npz") for name in (work / _chunk_folder(stage)).names())
 
 
-def read_file(work: Path, partition: int) -> Path:
+def read_file(work: Store, partition: int) -> Store:
     return work / "read" / f"{partition:05d}.json"
 
 
-def read_stats(work: Path, partition: int) -> dict[str, Any]:
+def read_stats(work: Store, partition: int) -> dict[str, Any]:
     """What reading partition ``partition`` counted (``chunks``, ``seen``: documents before the
     rank's share, ``documents``, ``replaced_bytes``, … and the readers' issue counts)."""
     return json.loads(read_file(work, partition).read_text())
@@ -107,7 +107,7 @@ def _chunks(config: DataConfig, spec: str, opts: ReadOptions, read: Counter
         yield k, docs
 
 
-def run_task(stage: Stage, config: DataConfig, work: Path, part: Partition, j: int, of: int
+def run_task(stage: Stage, config: DataConfig, work: Store, part: Partition, j: int, of: int
              ) -> None:
     """Write the missing chunk files ``k ≡ j (mod of)`` of ``part`` for ``stage``."""
     if read_file(work, part.index).exists():
@@ -121,19 +121,17 @@ def run_task(stage: Stage, config: DataConfig, work: Path, part: Partition, j: i
         chunks = k + 1
         path = chunk_file(work, stage, part.index, k)
         if k % of == j and not path.exists():
-            arrays = (_count(docs) if stage == "count" else
-                      _process(state, docs, parse_spec(config.input[part.source])[1]))
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            path.save_arrays(**(_count(docs) if stage == "count" else
+                                _process(state, docs, parse_spec(config.input[part.source])[1])))
     if j == 0:
-        atomic_write_text(read_file(work, part.index),
-                          json.dumps({"chunks": chunks, **read, **opts.issues}))
+        read_file(work, part.index).write_text(
+            json.dumps({"chunks": chunks, **read, **opts.issues}))
 
 
 _STATE: dict[str, dict[str, Any]] = {}  # what a worker process builds once per run and stage
 
 
-def _state(stage: Stage, config: DataConfig, work: Path) -> dict[str, Any]:
+def _state(stage: Stage, config: DataConfig, work: Store) -> dict[str, Any]:
     key = json.dumps([stage, str(work), to_dict(config)], sort_keys=True)
     if key not in _STATE:
         _STATE.clear()
