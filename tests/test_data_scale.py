@@ -215,8 +215,8 @@ def test_ray_executor_writes_what_the_local_one_writes(tmp_path, parts, tok_path
     paths, _ = parts
     local = prepare(config(tmp_path, paths, tok_path, out=str(tmp_path / "local"),
                            rejects=True, boilerplate_lines=5))
-    ray_cfg = config(tmp_path, paths, tok_path, out=str(tmp_path / "ray"), rejects=True,
-                     boilerplate_lines=5, executor="ray", workers=2)
+    ray_cfg = config(tmp_path, paths, tok_path, out=f"file://{tmp_path / 'ray'}", rejects=True,
+                     boilerplate_lines=5, executor="ray", workers=2)  # through fsspec, too
     assert _spawned(prepare, ray_cfg) == 0
     on_ray = load_manifest(tmp_path / "ray")
     assert on_ray["stats"] == local["stats"] and on_ray["shards"] == local["shards"]

@@ -165,8 +165,9 @@ class RayExecutor:
                     ray.get(done)  # the first failure stops the stage
                     bar.tasks_done(len(done))
             except BaseException as e:
-                for ref in refs:
-                    ray.cancel(ref, force=True)
+                # The stage's other tasks are left to finish (or to end with a local Ray's
+                # shutdown): they only write whole files, and cancelling a task as it completes
+                # can abort Ray's core ("Tried to complete task that was not pending").
                 cause = getattr(e, "cause", None)
                 if cause is not None:  # the task's own error, as the local executor raises it
                     raise cause from None
