@@ -17,6 +17,9 @@ Each task is timed end to end on each side (model loading, prompt building, scor
 generation), interleaved, best of ``--repeats`` after one warm-up run each (which also builds
 lm-eval's dataset cache), in wall and CPU seconds. The per-example predictions are compared:
 MMLU's predicted letter, GSM8K's generated text. ``--profile`` prints where lmforge's time goes.
+``--gsm8k-sampler first`` gives every GSM8K question the same few-shot examples on both sides
+(lm-eval's ``first_n`` sampler), so the prompts share a prefix that lmforge prefills once per
+batch.
 
     python benchmarks/eval_bench.py [--checkpoint PATH] [--mmlu 100] [--gsm8k 30] [--repeats 1]
                                     [--threads N] [--work DIR] [--profile]
@@ -136,6 +139,10 @@ def main() -> None:
     parser.add_argument("--mmlu-per-subject", type=int, default=5)
     parser.add_argument("--gsm8k", type=int, default=30, help="GSM8K test questions")
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--gsm8k-sampler", choices=["random", "first"], default="random",
+                        help="GSM8K few-shot examples: a seeded draw per question (lm-eval's "
+                             "gsm8k default) or the first of train for all (its first_n "
+                             "sampler, as gsm8k-cot uses), on both sides")
     parser.add_argument("--batch-size", type=int, default=16, help="both sides")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="GSM8K generation (lm-eval's default; halved context if longer)")
@@ -181,7 +188,7 @@ def main() -> None:
     max_new = args.max_new_tokens if args.max_new_tokens < context else context // 2
     subjects = subset(Path(args.task_data), work / "data", args.mmlu, args.mmlu_per_subject,
                       args.gsm8k)
-    write_local_tasks(str(work / "data"), work / "tasks", args.tasks)
+    write_local_tasks(str(work / "data"), work / "tasks", args.tasks, args.gsm8k_sampler)
     manager = TaskManager(include_path=str(work / "tasks"))
     print(f"model {checkpoint}: {model.config.num_params() / 1e6:.1f}M params, context {context}, "
           f"vocab {model.config.vocab_size}; MMLU {len(subjects)} subjects × "
@@ -195,6 +202,7 @@ def main() -> None:
         return evaluate(EvalConfig(checkpoint=str(hf_dir), tasks=[task],
                                    task_data=str(work / "data"), shots=args.shots,
                                    batch_size=args.batch_size, max_new_tokens=max_new,
+                                   fewshot_sampler=args.gsm8k_sampler,
                                    out=str(work / f"ours-{task}-{run}"), device="cpu",
                                    dtype="fp32", force=True, progress=False))
 

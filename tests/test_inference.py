@@ -185,6 +185,28 @@ def test_batched_greedy_equals_one_by_one() -> None:
     assert [greedy_reference(model, p, 15) for p in prompts] == singles
 
 
+def test_a_shared_prompt_prefix_is_prefilled_once(monkeypatch) -> None:
+    from lmforge.inference import engine
+
+    model = tiny_model()
+    prefix = [(5 * i) % 90 + 1 for i in range(30)]  # few-shot examples, say
+    prompts = [[*prefix, 7], [*prefix, 1, 2, 3, 4, 5, 6], [*prefix, 40, 41], [*prefix, 9]]
+    shared = []
+    real = engine._prefill_shared
+    monkeypatch.setattr(engine, "_prefill_shared",
+                        lambda m, cache, p: (shared.append(len(p)), real(m, cache, p)))
+    out = generate_batch(model, prompts, greedy(12))
+    assert shared == [30]
+    assert out == [greedy_reference(model, p, 12) for p in prompts]
+    # one prompt drawn many times (GRPO's group): all but its last token are shared
+    same = generate_batch(model, [prompts[1]] * 3, greedy(12))
+    assert shared == [30, 35] and same == [out[1]] * 3
+    # below the minimum, or a single prompt: nothing is shared
+    generate_batch(model, [[3] * 10 + [4], [3] * 10 + [5]], greedy(4))
+    generate_batch(model, [prompts[0]], greedy(4))
+    assert shared == [30, 35]
+
+
 def test_batched_rows_stop_on_their_own() -> None:
     model = tiny_model()
     prompts = [[7, 8], [20, 21, 22, 23, 24]]

@@ -188,13 +188,16 @@ def sampling(gen_kwargs: dict[str, Any]) -> tuple[SamplingParams, list[str]]:
 # ----------------------------------------------------------------------------- local tasks
 
 
-def write_local_tasks(task_data: str, out: str | Path, tasks: Sequence[str]) -> list[str]:
+def write_local_tasks(task_data: str, out: str | Path, tasks: Sequence[str],
+                      gsm8k_sampler: str = "random") -> list[str]:
     """lm-eval task YAMLs in ``out`` for ``tasks`` (``mmlu``, ``gsm8k``) over the files in
     ``task_data`` (any layout ``--task-data`` reads): each task's examples as JSONL beside it
     and a YAML that includes lm-eval's own definition (``mmlu``'s default template with the
     subject's description, ``gsm8k.yaml``), replacing only the data source. Returns the task
     names: ``mmlu_local`` (a group of ``mmlu_local_SUBJECT``, scored as lm-eval's ``mmlu``:
-    weighted by size) and ``gsm8k_local``."""
+    weighted by size) and ``gsm8k_local``. ``gsm8k_sampler="first"``: GSM8K's few-shot
+    examples are the first of train for every question (lm-eval's ``first_n`` sampler, as its
+    ``gsm8k-cot`` uses) instead of a seeded draw per question."""
     out = Path(out)
     tasks_dir = Path(lm_eval.__file__).parent / "tasks"
     source = {"cache_dir": str(out / "hf-datasets-cache")}  # the Arrow files datasets builds
@@ -225,10 +228,11 @@ def write_local_tasks(task_data: str, out: str | Path, tasks: Sequence[str]) -> 
                                    [{k: r[k] for k in ("question", "answer")}
                                     for r in data.gsm8k(task_data, split)])
                      for split in ("train", "test")}
+            first = {"fewshot_config": {"sampler": "first_n"}} if gsm8k_sampler == "first" else {}
             _yaml(out / "gsm8k" / "gsm8k_local.yaml", {
                 "include": str(tasks_dir / "gsm8k/gsm8k.yaml"), "task": "gsm8k_local",
                 "tag": [], "dataset_path": "json", "dataset_name": None,
-                "dataset_kwargs": {"data_files": files, **source}})
+                "dataset_kwargs": {"data_files": files, **source}, **first})
             names.append("gsm8k_local")
         else:
             raise ConfigError(f"local tasks: {task!r} is not one of mmlu, gsm8k")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import InputError
-from lmforge.inference.engine import KVCache, forward_cached
+from lmforge.inference.engine import KVCache, forward_cached, prefix_cache
 from lmforge.model import Transformer
 
 
@@ -77,7 +77,7 @@ def score_requests(model: Transformer, requests: Sequence[tuple[list[int], list[
         # continuation's first token
         shared = min(common_prefix([rows[i][0] for i in group]),
                      min(len(rows[i][0]) for i in group) - 1) if group is fits else 0
-        cache = _prefix_cache(model, rows[group[0]][0][:shared])
+        cache = prefix_cache(model, rows[group[0]][0][:shared])
         feeds: dict[tuple[int, ...], list[int]] = {}  # the tokens fed → the requests they serve
         for i in group:
             ctx, cont = rows[i]
@@ -98,16 +98,6 @@ def score_requests(model: Transformer, requests: Sequence[tuple[list[int], list[
             if progress:
                 progress(sum(len(served) for _, served in batch))
     return [s for s in scores if s is not None]
-
-
-def _prefix_cache(model: Transformer, prefix: list[int]) -> KVCache:
-    """A batch-1 cache holding ``prefix``'s keys and values (length = len(prefix))."""
-    cache = KVCache.allocate(model, 1, max(len(prefix), 1))
-    if prefix:
-        device = model.embed_tokens.weight.device
-        ids = torch.tensor([prefix], device=device)
-        forward_cached(model, cache, ids, torch.arange(len(prefix), device=device)[None])
-    return cache
 
 
 def _row_logprobs(model: Transformer, prefix: KVCache, shared: int,

@@ -74,11 +74,13 @@ class KVCache:
 
 
 def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor,
-                   compiled: bool = False) -> Tensor:
+                   compiled: bool = False, last_only: bool = False) -> Tensor:
     """Logits (B, T, vocab) for ids (B, T) appended to the cache at slots
     ``cache.length .. cache.length + T - 1``; ``positions`` (B, T) are their RoPE positions,
     negative for left padding. Advances ``cache.length`` by T. ``compiled``: run the step
-    through ``torch.compile`` (one graph per shape, reused by every decode step)."""
+    through ``torch.compile`` (one graph per shape, reused by every decode step);
+    ``last_only``: only the last position's logits, (B, 1, vocab) (what a prefill needs: the
+    LM head over every prompt position can cost as much as a small model's layers)."""
     T = ids.shape[1]
     if cache.length + T > cache.max_len:
         raise InputError(f"KV cache overflow: {cache.length + T} tokens do not fit in "
@@ -88,9 +90,10 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
         logits = _compiled_forward()(model, cache.k, cache.v, cache.valid, ids, positions, slots)
     else:  # eager: attend over the filled slots only, not the whole allocation
         end = cache.length + T
+        last = torch.full((ids.shape[0],), T - 1, device=ids.device) if last_only else None
         logits = forward_slots(model, [k[:, :, :end] for k in cache.k],
                                [v[:, :, :end] for v in cache.v], cache.valid[:, :end], ids,
-                               positions, slots)
+                               positions, slots, last)
     cache.length += T
     return logits
 
@@ -179,7 +182,7 @@ def prefill(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) 
     """Run the prompts ids (B, T) through the model into the cache; logits (B, vocab) of the
     last position. ``positions`` (B, T) or (T,): RoPE positions, negative for left padding."""
     positions = positions.expand(ids.shape)
-    return forward_cached(model, cache, ids, positions)[:, -1]
+    return forward_cached(model, cache, ids, positions, last_only=True)[:, -1]
 
 
 @torch.no_grad()
@@ -327,6 +330,40 @@ def _check_inputs(model: Transformer, prompts: list[list[int]], params: Sampling
     return room_for(model, max(len(p) for p in prompts), params.max_new_tokens)
 
 
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are prefilled with the rest of each prompt
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt of a batch shares (few-shot examples, a system
+    prompt, one prompt sampled many times), leaving each prompt at least its last token; 0 when
+    fewer than :data:`MIN_SHARED_PREFIX` or a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    shared = next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), n)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_cache(model: Transformer, prefix: Sequence[int]) -> KVCache:
+    """A batch-1 cache holding ``prefix``'s keys and values (length = len(prefix))."""
+    cache = KVCache.allocate(model, 1, max(len(prefix), 1))
+    if prefix:
+        device = model.embed_tokens.weight.device
+        prefill(model, cache, torch.tensor([list(prefix)], device=device),
+                torch.arange(len(prefix), device=device))
+    return cache
+
+
+def _prefill_shared(model: Transformer, cache: KVCache, prefix: list[int]) -> None:
+    """Fill the first ``len(prefix)`` slots of every row of ``cache`` with the prefix's keys and
+    values, computed once (batch of one) instead of once per row."""
+    one = prefix_cache(model, prefix)
+    for big, small in zip(cache.k + cache.v, one.k + one.v, strict=True):
+        big[:, :, :len(prefix)] = small
+    cache.valid[:, :len(prefix)] = True
+    cache.length = len(prefix)
+
+
 @torch.no_grad()
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     params: SamplingParams, stop_ids: Sequence[int],
@@ -338,14 +375,19 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
     decode faster); its entry in later steps is -1."""
     if max_new_tokens == 0:
         return
-    longest = max(len(p) for p in prompts)
     device = model.embed_tokens.weight.device
+    shared = _shared_prefix(prompts)
+    rests = [p[shared:] for p in prompts]
+    longest = max(len(p) for p in rests)
     with evaluating(model):
-        pads = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-        positions = torch.arange(longest, device=device) - pads[:, None]  # (B, T), <0: pad
+        pads = torch.tensor([longest - len(p) for p in rests], device=device)  # (B,)
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in rests], device=device)
+        after = torch.arange(longest, device=device) - pads[:, None]  # (B, T), <0: pad
+        positions = torch.where(after >= 0, after + shared, after)
         # the last new token is never fed back, so it needs no slot
-        cache = KVCache.allocate(model, len(prompts), longest + max_new_tokens - 1)
+        cache = KVCache.allocate(model, len(prompts), shared + longest + max_new_tokens - 1)
+        if shared:
+            _prefill_shared(model, cache, prompts[0][:shared])
         logits = prefill(model, cache, ids, positions)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         if done is None:
