@@ -24,7 +24,7 @@ import numpy as np
 from lmforge.files import atomic_path
 
 
-def is_url(location: str | Path) -> bool:
+def _is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
@@ -32,7 +32,7 @@ class Store:
     """A file or directory location; ``fs`` is None for a local path."""
 
     def __init__(self, location: str | Path, fs: Any = None) -> None:
-        if fs is None and is_url(location):
+        if fs is None and _is_url(location):
             import fsspec
 
             fs, location = fsspec.core.url_to_fs(str(location))
@@ -46,12 +46,6 @@ class Store:
 
     def __str__(self) -> str:
         return str(self.path) if self.fs is None else self.fs.unstrip_protocol(self.path)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Store) and str(self) == str(other)
-
-    def __hash__(self) -> int:
-        return hash(str(self))
 
     @property
     def name(self) -> str:
