@@ -56,8 +56,9 @@ class Plan:
 
     def buckets(self) -> list[tuple[str, int]]:
         """Every (kind, bucket) task of the buckets stage."""
-        return ([("exact", b) for b in range(self.exact_buckets)] * self.exact
-                + [("near", b) for b in range(self.bands * self.near_splits)] * self.near)
+        exact = [("exact", b) for b in range(self.exact_buckets)] if self.exact else []
+        near = [("near", b) for b in range(self.bands * self.near_splits)] if self.near else []
+        return exact + near
 
 
 def _folder(work: Store) -> Store:
@@ -88,7 +89,8 @@ def index_partition(work: Store, partition: int, chunks: int, plan: Plan) -> dic
     pii = np.zeros(len(PII_TYPES), np.int64)
     lines = np.zeros(2, np.int64)
     for k in range(chunks):
-        z = chunk_file(work, "process", partition, k).load_arrays()
+        z = chunk_file(work, "process", partition, k).load_arrays(
+            "reasons", "languages", "pii", "boilerplate", "keys", "bands")
         reasons = z["reasons"].tolist()
         drops.update(r.split(":")[0] for r in reasons if r)
         for language, reason in zip(z["languages"].tolist(), reasons, strict=True):

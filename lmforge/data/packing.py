@@ -82,7 +82,9 @@ def write_partition(config: DataConfig, work: Store, partition: int, chunks: int
             local = stack.enter_context(rejects_file(work, partition).writing())
             rejected = stack.enter_context(open(local, "w", encoding="utf-8"))
         for k in range(chunks):
-            z = chunk_file(work, "process", partition, k).load_arrays()
+            z = chunk_file(work, "process", partition, k).load_arrays(
+                "lengths", "tokens", "val", "repeats",
+                *(("reasons", "rejected_names", "rejected") if config.rejects else ()))
             lengths, tokens, val, repeats = z["lengths"], z["tokens"], z["val"], z["repeats"]
             ends = np.cumsum(lengths)
             drop = np.isin(np.arange(position, position + len(ends)), removed)

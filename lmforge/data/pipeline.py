@@ -117,7 +117,7 @@ def _run(config: DataConfig, tok: Tokenizer, work: Store, executor: Executor
         counter = boilerplate.LineCounter()
         for p in parts:
             for k in range(read_stats(work, p.index)["chunks"]):
-                z = chunk_file(work, "count", p.index, k).load_arrays()
+                z = chunk_file(work, "count", p.index, k).load_arrays("values", "counts")
                 counter.add(z["values"], z["counts"])
         boilerplate.save(work, counter.frequent(config.boilerplate_lines))
         log.info("boilerplate: %d distinct lines counted", counter.distinct)

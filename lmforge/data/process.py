@@ -114,39 +114,37 @@ def run_task(stage: Stage, config: DataConfig, work: Store, part: Partition, j: 
         chunks = read_stats(work, part.index)["chunks"]
         if all(chunk_file(work, stage, part.index, k).exists() for k in range(j, chunks, of)):
             return
-    state = _state(stage, config, work)
+    state = _state(config, work) if stage == "process" else None
+    weight = parse_spec(config.input[part.source])[1]
     opts, read = config.read_options, Counter()
     chunks = 0
     for k, docs in _chunks(config, part.spec, opts, read):
         chunks = k + 1
         path = chunk_file(work, stage, part.index, k)
         if k % of == j and not path.exists():
-            path.save_arrays(**(_count(docs) if stage == "count" else
-                                _process(state, docs, parse_spec(config.input[part.source])[1])))
+            path.save_arrays(**(_count(docs) if state is None else _process(state, docs, weight)))
     if j == 0:
         read_file(work, part.index).write_text(
             json.dumps({"chunks": chunks, **read, **opts.issues}))
 
 
-_STATE: dict[str, dict[str, Any]] = {}  # what a worker process builds once per run and stage
+_STATE: dict[str, dict[str, Any]] = {}  # what a worker process builds once per run
 
 
-def _state(stage: Stage, config: DataConfig, work: Store) -> dict[str, Any]:
-    key = json.dumps([stage, str(work), to_dict(config)], sort_keys=True)
+def _state(config: DataConfig, work: Store) -> dict[str, Any]:
+    """The process stage's tools (filters, hasher, tokenizer, boilerplate set), built once per
+    worker process and run (the boilerplate set exists only once the count stage is done)."""
+    key = json.dumps([str(work), to_dict(config)], sort_keys=True)
     if key not in _STATE:
         _STATE.clear()
-        if stage == "count":
-            _STATE[key] = {}
-        else:
-            dedup = config.dedup_config
-            tok = Tokenizer.load(config.tokenizer)
-            _STATE[key] = dict(
-                filters=config.build_filters(), mask_pii=config.mask_pii, dedup=dedup,
-                hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT),
-                dtype=token_dtype(tok.vocab_size), rejects=config.rejects,
-                val_fraction=config.val_fraction,
-                quarantine=config.utf8_errors == "quarantine",
-                boilerplate=boilerplate.load(work) if config.boilerplate_lines else None)
+        dedup = config.dedup_config
+        tok = Tokenizer.load(config.tokenizer)
+        _STATE[key] = dict(
+            filters=config.build_filters(), mask_pii=config.mask_pii, dedup=dedup,
+            hasher=MinHasher(dedup), tok=tok, eot=tok.token_id(ENDOFTEXT),
+            dtype=token_dtype(tok.vocab_size), rejects=config.rejects,
+            val_fraction=config.val_fraction, quarantine=config.utf8_errors == "quarantine",
+            boilerplate=boilerplate.load(work) if config.boilerplate_lines else None)
     return _STATE[key]
 
 

@@ -10,6 +10,7 @@ need the filesystem's fsspec package (``s3fs``, ``gcsfs``, …).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -80,11 +81,13 @@ class Store:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1]
                       for p in self.fs.ls(self.path, detail=False))
 
-    def load_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of an ``.npz`` file."""
-        source = self.path if self.fs is None else io.BytesIO(self.read_bytes())
-        with np.load(source, allow_pickle=False) as z:
-            return {key: z[key] for key in z.files}
+    def load_arrays(self, *names: str) -> dict[str, np.ndarray]:
+        """The arrays ``names`` (default: all) of an ``.npz`` file; only those are read."""
+        with contextlib.ExitStack() as stack:
+            source = (self.path if self.fs is None else
+                      stack.enter_context(self.fs.open(self.path, "rb")))
+            z = stack.enter_context(np.load(source, allow_pickle=False))
+            return {key: z[key] for key in names or z.files}
 
     def load_array(self) -> np.ndarray:
         """The array of an ``.npy`` file."""
