@@ -30,11 +30,12 @@ import yaml
 from lmforge.errors import ConfigError, InputError
 from lmforge.eval import data
 from lmforge.eval.run import default_out
-from lmforge.eval.scoring import common_prefix, rolling_logprobs
+from lmforge.eval.scoring import rolling_logprobs
 from lmforge.eval.task import Env
 from lmforge.files import atomic_write_text
 from lmforge.hardware import resolve_device
 from lmforge.inference import SamplingParams
+from lmforge.inference.engine import common_prefix
 from lmforge.loading import open_model
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import ENDOFTEXT

@@ -369,14 +369,26 @@ def _check_inputs(model: Transformer, prompts: list[list[int]], params: Sampling
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are prefilled with the rest of each prompt
 
 
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all ``sequences``."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        i = 0
+        while i < n and seq[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
 def _shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens every prompt of a batch shares (few-shot examples, a system
     prompt, one prompt sampled many times), leaving each prompt at least its last token; 0 when
     fewer than :data:`MIN_SHARED_PREFIX` or a single prompt."""
     if len(prompts) < 2:
         return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    shared = next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), n)
+    shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
