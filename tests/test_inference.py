@@ -14,6 +14,7 @@ from lmforge.inference import (
     generate,
     generate_batch,
     prefill,
+    prefill_rows,
     sample,
 )
 from lmforge.model import Transformer
@@ -67,6 +68,64 @@ def test_left_padded_prefill_matches_unpadded() -> None:
     logits = prefill(model, cache, ids, torch.arange(7) - 3)
     torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=1e-4)
     assert cache.valid[0, :7].tolist() == [False] * 3 + [True] * 4
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_prefill_rows_matches_left_padded_prefill(n_kv_heads: int) -> None:
+    """Prompts of different lengths (two of one length go through together) prefilled row by
+    row with unmasked causal attention: the same last logits and cache as the masked,
+    left-padded batch, padding slots left empty; decoding on from either agrees."""
+    model = tiny_model(4, n_kv_heads)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18], [19, 20, 21, 22]]
+    pads = torch.tensor([6 - len(p) for p in prompts])
+    ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts])
+    positions = torch.arange(6) - pads[:, None]
+    masked, rows = KVCache.allocate(model, 4, 9), KVCache.allocate(model, 4, 9)
+    expected = prefill(model, masked, ids, positions)
+    logits = prefill_rows(model, rows, prompts)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(logits[row], model(torch.tensor([prompt]))[0, -1],
+                                       atol=1e-4, rtol=1e-4)
+    assert rows.length == 6 and torch.equal(rows.valid, masked.valid)
+    real = rows.valid[:, None, :, None]
+    for a, b in zip(rows.k + rows.v, masked.k + masked.v, strict=True):
+        torch.testing.assert_close(a * real, b * real, atol=1e-5, rtol=1e-5)
+        assert not a[~rows.valid[:, None, :, None].expand_as(a)].any()  # padding untouched
+    token = logits.argmax(-1)[:, None]
+    torch.testing.assert_close(decode_one_token(model, rows, token, 6 - pads),
+                               decode_one_token(model, masked, token, 6 - pads),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_rows_after_a_shared_prefix() -> None:
+    """Rows after a prefix kept once (the cache's shared keys and values) attend to all of
+    it and causally to their own tokens: the logits of each whole prompt."""
+    from lmforge.inference.engine import _prefill_shared
+
+    model = tiny_model(4, 2)
+    prefix = list(range(30, 50))
+    tails = [[7, 8, 9], [1], [2, 3, 4, 5, 6]]
+    cache = KVCache.allocate(model, 3, 8)
+    _prefill_shared(model, cache, prefix)
+    logits = prefill_rows(model, cache, tails, offset=len(prefix))
+    with torch.no_grad():
+        for row, tail in enumerate(tails):
+            torch.testing.assert_close(logits[row], model(torch.tensor([prefix + tail]))[0, -1],
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_causal_forward_refuses_a_filled_cache_or_padding() -> None:
+    from lmforge.inference.engine import forward_cached
+
+    model = tiny_model()
+    cache = KVCache.allocate(model, 1, 8)
+    with pytest.raises(ValueError, match="causal"):
+        forward_cached(model, cache, torch.tensor([[1, 2]]), torch.tensor([[-1, 0]]), causal=True)
+    forward_cached(model, cache, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), causal=True)
+    with pytest.raises(ValueError, match="causal"):
+        forward_cached(model, cache, torch.tensor([[3]]), torch.tensor([[2]]), causal=True)
 
 
 def test_cache_overflow_is_an_input_error() -> None:

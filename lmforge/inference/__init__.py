@@ -7,6 +7,7 @@ from lmforge.inference.engine import (
     generate,
     generate_batch,
     prefill,
+    prefill_rows,
     room_for,
     sample,
 )
@@ -14,4 +15,5 @@ from lmforge.inference.params import SamplingParams
 from lmforge.inference.text import generate_text
 
 __all__ = ["KVCache", "SamplingParams", "decode_one_token", "forward_cached", "generate",
-           "generate_batch", "generate_text", "prefill", "room_for", "sample"]
+           "generate_batch", "generate_text", "prefill", "prefill_rows",
+           "room_for", "sample"]

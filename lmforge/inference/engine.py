@@ -78,14 +78,19 @@ class KVCache:
 
 
 def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor,
-                   compiled: bool = False, last_only: bool = False) -> Tensor:
+                   compiled: bool = False, last_only: bool = False,
+                   causal: bool = False) -> Tensor:
     """Logits (B, T, vocab) for ids (B, T) appended to the cache at slots
     ``cache.length .. cache.length + T - 1``; ``positions`` (B, T) are their RoPE positions,
     negative for left padding. Advances ``cache.length`` by T. ``compiled``: run the step
     through ``torch.compile`` (one graph per shape, reused by every decode step);
     ``last_only``: only the last position's logits, (B, 1, vocab) (what a prefill needs: the
-    LM head over every prompt position can cost as much as a small model's layers)."""
+    LM head over every prompt position can cost as much as a small model's layers);
+    ``causal``: the cache is empty and no row is padded, so attention is plainly causal and
+    needs no mask (see :func:`forward_slots`)."""
     T = ids.shape[1]
+    if causal and (cache.length or bool((positions < 0).any())):
+        raise ValueError("a causal forward needs an empty cache and unpadded rows")
     if cache.length + T > cache.max_len:
         raise InputError(f"KV cache overflow: {cache.length + T} tokens do not fit in "
                          f"{cache.max_len} slots")
@@ -99,7 +104,7 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
                   list(zip(cache.shared_k, cache.shared_v, strict=True)))
         logits = forward_slots(model, [k[:, :, :end] for k in cache.k],
                                [v[:, :, :end] for v in cache.v], cache.valid[:, :end], ids,
-                               positions, slots, last, shared)
+                               positions, slots, last, shared, causal)
     cache.length += T
     return logits
 
@@ -107,7 +112,8 @@ def forward_cached(model: Transformer, cache: KVCache, ids: Tensor, positions: T
 def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Tensor],
                   valid: Tensor, ids: Tensor, positions: Tensor, slots: Tensor,
                   logits_at: Tensor | None = None,
-                  shared: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                  shared: list[tuple[Tensor, Tensor]] | None = None,
+                  causal: bool = False) -> Tensor:
     """Logits (B, T, vocab) for ids (B, T) written to the cache tensors given at ``slots`` —
     (T,), the same slots for every row, or (B, T), each row its own (a continuous-batching
     scheduler's rows are at different lengths) — with RoPE ``positions`` (B, T), negative for
@@ -116,7 +122,10 @@ def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Ten
     step to step, which lets it capture the step once. ``logits_at`` (B,): only the logits of
     that position of each row, (B, 1, vocab) — a prefill needs no others. ``shared``: per
     layer, the (keys, values) of a prefix that precedes every row's slots (see
-    :class:`KVCache`), attended to by every query.
+    :class:`KVCache`), attended to by every query. ``causal``: the cache tensors given hold
+    exactly these T tokens (slots 0 .. T-1, none padding), so query i sees slots 0 .. i (and
+    all of ``shared``) — plain causal attention, no mask over the cache built (on the CPU,
+    causal attention also skips the blocks a mask would hide: prefill runs ~1.7× faster).
     """
     per_row = slots.dim() == 2
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None]  # (B, 1)
@@ -124,16 +133,21 @@ def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Ten
         valid[rows, slots] = positions >= 0
     else:
         valid.index_copy_(1, slots, positions >= 0)
-    # Query i (at slots[i]) sees earlier-or-same slots that hold real tokens. A padding query
-    # would see nothing (softmax of all -inf is NaN), so every query also sees its own slot; no
-    # real token ever attends to a padding slot, so that output never matters.
-    cache_slots = torch.arange(valid.shape[1], device=ids.device)  # (L,)
-    query_slots = slots[..., None]  # (T, 1) or (B, T, 1)
-    mask = (cache_slots <= query_slots) & valid[:, None, :]  # (B, T, L)
-    mask = (mask | (cache_slots == query_slots))[:, None]  # (B, 1, T, L)
-    # additive form, built once for every layer: measured faster than a boolean mask on CPU
-    bias = torch.zeros(mask.shape, dtype=model.embed_tokens.weight.dtype,
-                       device=ids.device).masked_fill_(~mask, float("-inf"))
+    dtype = model.embed_tokens.weight.dtype
+    if causal:  # no mask; past a shared prefix, a causal one over the T slots alone
+        bias = None if shared is None else torch.full(
+            (1, 1) + (ids.shape[1],) * 2, float("-inf"), dtype=dtype, device=ids.device).triu_(1)
+    else:
+        # Query i (at slots[i]) sees earlier-or-same slots that hold real tokens. A padding
+        # query would see nothing (softmax of all -inf is NaN), so every query also sees its
+        # own slot; no real token ever attends to a padding slot, so that output never matters.
+        cache_slots = torch.arange(valid.shape[1], device=ids.device)  # (L,)
+        query_slots = slots[..., None]  # (T, 1) or (B, T, 1)
+        mask = (cache_slots <= query_slots) & valid[:, None, :]  # (B, T, L)
+        mask = (mask | (cache_slots == query_slots))[:, None]  # (B, 1, T, L)
+        # additive form, built once for every layer: measured faster than a boolean mask on CPU
+        bias = torch.zeros(mask.shape, dtype=dtype,
+                           device=ids.device).masked_fill_(~mask, float("-inf"))
 
     rope = positions.clamp(min=0)
     cos = model.rope_cos[rope][:, None]  # (B, 1, T, head_dim)
@@ -150,13 +164,14 @@ def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Ten
     return model.lm_head(model.norm(x))
 
 
-def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor,
+def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None,
                k_cache: Tensor, v_cache: Tensor, rows: Tensor | None, slots: Tensor,
                shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The model's Attention block, with keys/values written to and read from the cache at
     ``slots`` (per row when ``rows`` is given); ``bias`` (B, 1, T, L) is the additive mask
-    (0 or -inf) over the cache slots; ``shared``: keys and values (n_kv_heads, P, head_dim) of
-    a prefix before every row's slots."""
+    (0 or -inf) over the cache slots, None for plain causal attention (the cache holds exactly
+    these T tokens); ``shared``: keys and values (n_kv_heads, P, head_dim) of a prefix before
+    every row's slots."""
     B, T, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     G = H // KV  # query heads per kv head
@@ -172,6 +187,9 @@ def _attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, bias: Tenso
         v_cache[rows, :, slots] = v.transpose(1, 2)
     if shared is not None:
         y = _attend_with_shared_prefix(q, k_cache, v_cache, bias, *shared)
+    elif bias is None:
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, is_causal=True,
+                                           enable_gqa=G > 1)
     elif G > 1 and T == 1:
         # Decoding with grouped queries: the G query heads of a kv head become G rows of one
         # attention against that head's keys, so the cache is read once per kv head and never
@@ -219,6 +237,40 @@ def prefill(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) 
     last position. ``positions`` (B, T) or (T,): RoPE positions, negative for left padding."""
     positions = positions.expand(ids.shape)
     return forward_cached(model, cache, ids, positions, last_only=True)[:, -1]
+
+
+@torch.no_grad()
+def prefill_rows(model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]],
+                 offset: int = 0) -> Tensor:
+    """Run ``prompts`` (one per row of the empty ``cache``; lengths may differ) into the cache,
+    each ending at slot ``longest - 1`` (left padding stays empty and masked), at RoPE positions
+    from ``offset`` (the length of the cache's shared prefix, if it has one); logits
+    (B, vocab) of each prompt's last token. Prompts of one length go through the model
+    together, unpadded, so attention is plainly causal (:func:`forward_slots`); ``cache.length``
+    becomes the longest prompt's length."""
+    if cache.length:
+        raise ValueError("prefill_rows needs an empty cache")
+    device = model.embed_tokens.weight.device
+    longest = max(len(p) for p in prompts)
+    by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(row)
+    logits = torch.empty(0)
+    for n, rows in by_length.items():
+        part = KVCache.allocate(model, len(rows), n)
+        part.shared_k, part.shared_v = cache.shared_k, cache.shared_v
+        ids = torch.tensor([list(prompts[r]) for r in rows], device=device)
+        positions = torch.arange(offset, offset + n, device=device).expand(len(rows), n)
+        out = forward_cached(model, part, ids, positions, last_only=True, causal=True)[:, -1]
+        if not logits.numel():
+            logits = out.new_empty(len(prompts), out.shape[-1])
+        index = torch.tensor(rows, device=device)
+        logits[index] = out
+        for whole, piece in zip(cache.k + cache.v, part.k + part.v, strict=True):
+            whole[index, :, longest - n:longest] = piece
+        cache.valid[index, longest - n:longest] = True
+    cache.length = longest
+    return logits
 
 
 @torch.no_grad()
@@ -396,9 +448,7 @@ def prefix_cache(model: Transformer, prefix: Sequence[int]) -> KVCache:
     """A batch-1 cache holding ``prefix``'s keys and values (length = len(prefix))."""
     cache = KVCache.allocate(model, 1, max(len(prefix), 1))
     if prefix:
-        device = model.embed_tokens.weight.device
-        prefill(model, cache, torch.tensor([list(prefix)], device=device),
-                torch.arange(len(prefix), device=device))
+        prefill_rows(model, cache, [prefix])
     return cache
 
 
@@ -426,21 +476,17 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
     rests = [p[shared:] for p in prompts]
     longest = max(len(p) for p in rests)
     with evaluating(model):
-        pads = torch.tensor([longest - len(p) for p in rests], device=device)  # (B,)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in rests], device=device)
-        after = torch.arange(longest, device=device) - pads[:, None]  # (B, T), <0: pad
-        positions = torch.where(after >= 0, after + shared, after)
         # the last new token is never fed back, so it needs no slot
         cache = KVCache.allocate(model, len(prompts), longest + max_new_tokens - 1)
         if shared:
             _prefill_shared(model, cache, prompts[0][:shared])
-        logits = prefill(model, cache, ids, positions)
+        logits = prefill_rows(model, cache, rests, shared)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         if done is None:
             done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         active = torch.arange(len(prompts), device=device)  # batch rows still decoding
         generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
-        pos = positions[:, -1]
+        pos = torch.tensor([shared + len(p) - 1 for p in rests], device=device)  # last ones
         generator = generator if generator is not None else params.generator(device)
         for step in range(max_new_tokens):
             token = sample(logits, params, generator, generated[:, :step], vocab_size)
