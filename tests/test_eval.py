@@ -232,6 +232,29 @@ def test_generate_batch_rows_end_on_their_own_hook():
     assert cut[0] == full[0][:3] and cut[1] == full[1]
 
 
+def test_generation_runs_prompts_cut_from_the_left_apart(tokenizer, monkeypatch):
+    """Questions after the same few-shot examples share their keys and values even when
+    another prompt is too long and is cut from the left (losing the examples): it runs apart.
+    Two rows at a time, every text is what its prompt gets alone."""
+    from lmforge.inference import engine
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size, context=64)
+    shared: list[int] = []
+    real = engine._prefill_shared
+    monkeypatch.setattr(engine, "_prefill_shared",
+                        lambda m, cache, p: (shared.append(len(p)), real(m, cache, p)))
+    examples = list(range(100, 120))
+    prompts = [[*examples, 5, 6], list(range(200, 260)), [*examples, 7, 8, 9], [*examples, 10]]
+    env = Env(model, tokenizer, batch_size=2)
+    texts = env.generate(prompts, SamplingParams.greedy(16), ("zz",))
+    assert shared == [20]  # one group shared the examples; the cut prompt ran alone
+    for prompt, text in zip(prompts, texts, strict=True):
+        alone = Env(model, tokenizer, batch_size=1).generate([prompt], SamplingParams.greedy(16),
+                                                             ("zz",))
+        assert text == alone[0]
+    assert shared == [20]
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

@@ -11,12 +11,14 @@ from lmforge.inference import (
     KVCache,
     SamplingParams,
     decode_one_token,
+    forward_cached,
     generate,
     generate_batch,
     prefill,
     prefill_rows,
     sample,
 )
+from lmforge.inference.engine import forward_slots
 from lmforge.model import Transformer
 
 from .conftest import tiny_model
@@ -71,32 +73,33 @@ def test_left_padded_prefill_matches_unpadded() -> None:
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_prefill_rows_matches_left_padded_prefill(n_kv_heads: int) -> None:
-    """Prompts of different lengths (two of one length go through together) prefilled row by
-    row with unmasked causal attention: the same last logits and cache as the masked,
-    left-padded batch, padding slots left empty; decoding on from either agrees."""
+def test_prefill_rows_matches_a_masked_padded_batch(n_kv_heads: int) -> None:
+    """Prompts of different lengths (two of one length go through together), each into its
+    own row from slot 0 with unmasked causal attention: the logits and cache of the masked,
+    right-padded batch, later slots marked empty; decoding on from either agrees."""
     model = tiny_model(4, n_kv_heads)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18], [19, 20, 21, 22]]
-    pads = torch.tensor([6 - len(p) for p in prompts])
-    ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts])
-    positions = torch.arange(6) - pads[:, None]
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.tensor([p + [0] * (6 - len(p)) for p in prompts])
+    positions = torch.arange(6).repeat(4, 1).masked_fill(torch.arange(6) >= lengths[:, None], -1)
     masked, rows = KVCache.allocate(model, 4, 9), KVCache.allocate(model, 4, 9)
-    expected = prefill(model, masked, ids, positions)
+    expected = forward_cached(model, masked, ids, positions)[torch.arange(4), lengths - 1]
     logits = prefill_rows(model, rows, prompts)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             torch.testing.assert_close(logits[row], model(torch.tensor([prompt]))[0, -1],
                                        atol=1e-4, rtol=1e-4)
-    assert rows.length == 6 and torch.equal(rows.valid, masked.valid)
+    assert torch.equal(rows.valid, masked.valid)
     real = rows.valid[:, None, :, None]
     for a, b in zip(rows.k + rows.v, masked.k + masked.v, strict=True):
         torch.testing.assert_close(a * real, b * real, atol=1e-5, rtol=1e-5)
-        assert not a[~rows.valid[:, None, :, None].expand_as(a)].any()  # padding untouched
-    token = logits.argmax(-1)[:, None]
-    torch.testing.assert_close(decode_one_token(model, rows, token, 6 - pads),
-                               decode_one_token(model, masked, token, 6 - pads),
-                               atol=1e-5, rtol=1e-5)
+        assert not a[~real.expand_as(a)].any()  # nothing written past a prompt
+    token, slots = logits.argmax(-1)[:, None], lengths[:, None]
+    with torch.no_grad():
+        after = [forward_slots(model, c.k, c.v, c.valid, token, slots, slots)[:, -1]
+                 for c in (rows, masked)]
+    torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_rows_after_a_shared_prefix() -> None:
@@ -117,8 +120,6 @@ def test_prefill_rows_after_a_shared_prefix() -> None:
 
 
 def test_causal_forward_refuses_a_filled_cache_or_padding() -> None:
-    from lmforge.inference.engine import forward_cached
-
     model = tiny_model()
     cache = KVCache.allocate(model, 1, 8)
     with pytest.raises(ValueError, match="causal"):
@@ -266,6 +267,36 @@ def test_a_shared_prompt_prefix_is_prefilled_once(monkeypatch) -> None:
     assert shared == [30, 35]
 
 
+def test_continuous_batching_equals_one_by_one() -> None:
+    """Five prompts through two rows: each that ends (a stop id, a stop decided by the
+    caller, or the length cap) hands its row to the next; every prompt gets the tokens it
+    gets alone — greedy, and with a repetition penalty over its own tokens only."""
+    model = tiny_model(4, 2)
+    prompts = [[7, 8], [20, 21, 22, 23, 24], [3], [50, 51, 52], [60, 61, 62, 63]]
+    alone = [greedy_reference(model, p, 14) for p in prompts]
+    stop = alone[1][6]
+    expected = [a[:a.index(stop)] if stop in a else a for a in alone]
+    seen: list[int] = []
+
+    def finished(i: int, ids: list[int]) -> bool:
+        seen.append(i)
+        return i == 3 and len(ids) == 6  # the caller ends prompt 3 after six tokens
+
+    out = generate_batch(model, prompts, greedy(14), stop_ids=(stop,), max_batch=2,
+                         finished=finished)
+    expected[3] = expected[3][:6]
+    assert out == expected
+    assert sorted(set(seen)) == [i for i, tokens in enumerate(out) if tokens]
+    assert sum(map(len, out)) > 30 and len({len(t) for t in out}) > 2  # rows end apart
+    assert generate_batch(model, prompts, greedy(14), stop_ids=(stop,)) == [
+        a[:a.index(stop)] if stop in a else a for a in alone]
+    penalized = greedy(14, repetition_penalty=1.3)
+    assert generate_batch(model, prompts, penalized, max_batch=3) == [
+        list(generate(model, p, penalized)) for p in prompts]
+    with pytest.raises(InputError, match="max_batch"):
+        generate_batch(model, prompts, greedy(4), max_batch=0)
+
+
 def test_batched_rows_stop_on_their_own() -> None:
     model = tiny_model()
     prompts = [[7, 8], [20, 21, 22, 23, 24]]
@@ -297,3 +328,14 @@ def test_compiled_decode_matches_eager_and_compiles_once() -> None:
                                         compiled=True)
             torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_generation_keeps_one_static_batch() -> None:
+    """Generation through the compiled step: prompts of different lengths, one ending early at
+    a stop id while the others go on in the same static batch; the eager tokens."""
+    model = tiny_model(4, 2)
+    prompts = [[7, 8], [20, 21, 22, 23, 24], [60, 61, 62]]
+    eager = generate_batch(model, prompts, greedy(12))
+    stop = eager[1][3]
+    expected = [e[:e.index(stop)] if stop in e else e for e in eager]
+    assert generate_batch(model, prompts, greedy(12), stop_ids=(stop,), compile=True) == expected

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.eval.scoring import Score, score_requests
 from lmforge.inference import SamplingParams, generate_batch
+from lmforge.inference.engine import MIN_SHARED_PREFIX, common_prefix
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 
 Example = dict[str, Any]
@@ -48,33 +49,39 @@ class Env:
                  until: Sequence[str]) -> list[str]:
         """Texts generated after each prompt, ended at ``<|endoftext|>`` or the first ``until``
         string (not included). At most half the model's context goes to new tokens; prompts
-        are cut from the left to leave room for them."""
+        are cut from the left to leave room for them. ``batch_size`` prompts decode at once,
+        longest first (as lm-eval orders them), each one that ends handing its place to the
+        next (continuous batching)."""
         tok, context = self.tokenizer, self.model.config.context
         new = min(params.max_new_tokens, context // 2)
         params = replace(params, max_new_tokens=new)
+        cut = [len(p) > context - new for p in prompts]
         prompts = [p[-(context - new):] for p in prompts]
         stop_ids = [tok.special_tokens[s] for s in (ENDOFTEXT,) if s in tok.special_tokens]
-        texts = [""] * len(prompts)
-        # longest first, as lm-eval orders them: a batch's prompts are left-padded to its
-        # longest, so similar lengths waste little prefill on padding
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(prompts), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            batch = [prompts[i] for i in rows]
+        whole = [i for i in order if not cut[i]]
+        # A prompt cut from the left has lost the few-shot examples the others start with;
+        # decoded apart, it does not stop them sharing those examples' keys and values.
+        shares = (len(whole) > 1
+                  and common_prefix([prompts[i] for i in whole]) >= MIN_SHARED_PREFIX)
+        groups = [whole, [i for i in order if cut[i]]] if shares else [order]
+        texts = [""] * len(prompts)
 
-            def finished(row: int, ids: list[int]) -> bool:
-                tail = tok.decode(ids[-32:])  # a stop string ends within the last tokens
-                return any(u in tail for u in until)
+        def finished(i: int, ids: list[int]) -> bool:
+            tail = tok.decode(ids[-32:])  # a stop string ends within the last tokens
+            return any(u in tail for u in until)
 
-            outs = generate_batch(self.model, batch, params, stop_ids=stop_ids,
-                                  vocab_size=tok.vocab_size, finished=finished)
-            for i, ids in zip(rows, outs, strict=True):
+        for group in filter(None, groups):
+            outs = generate_batch(self.model, [prompts[i] for i in group], params,
+                                  stop_ids=stop_ids, vocab_size=tok.vocab_size,
+                                  finished=finished, max_batch=self.batch_size)
+            for i, ids in zip(group, outs, strict=True):
                 text = tok.decode(ids)
-                cut = min((at for at in (text.find(u) for u in until) if at >= 0),
-                          default=len(text))
-                texts[i] = text[:cut]
+                cut_at = min((at for at in (text.find(u) for u in until) if at >= 0),
+                             default=len(text))
+                texts[i] = text[:cut_at]
             if self.progress:
-                self.progress(len(batch))
+                self.progress(len(group))
         return texts
 
 

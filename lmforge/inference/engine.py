@@ -4,13 +4,17 @@ The model file has no cache, so :func:`forward_cached` runs the model's own subm
 norms, q/k/v/o projections, MLP, LM head, ``apply_rope``) layer by layer and does only the
 attention itself, against keys and values kept in a preallocated :class:`KVCache`.
 
-Batches of prompts of different lengths are left-padded: every row fills the same cache slots,
-and a row's RoPE position is its slot minus its padding. Positions < 0 mark padding, which no
-query ever attends to.
+Generation (:func:`generate_batch`, and the server's scheduler) gives every prompt a cache row
+of its own, filled from slot 0, each row at its own length: :func:`prefill_rows` runs prompts in,
+:func:`forward_slots` decodes a token per row at per-row slots, masked per row. The lower-level
+:func:`prefill` / :func:`decode_one_token` step a batch whose rows share one length
+(``cache.length``), left-padded: a row's RoPE position is its slot minus its padding, and
+positions < 0 mark padding, which no query ever attends to.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,12 +70,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
-    def keep_rows(self, rows: Tensor) -> None:
-        """Keep only the batch rows ``rows`` (indices, in the new order): finished rows leave
-        the batch, so later steps neither read nor compute them."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        self.valid = self.valid.index_select(0, rows)
+    def move_row(self, src: int, dst: int, filled: int | None = None) -> None:
+        """Give row ``dst`` the keys, values and filled slots of row ``src`` (its first
+        ``filled`` slots are copied; all by default): a finished row's place goes to the last
+        row in use, so the rows in use stay 0 .. A-1."""
+        for t in self.k + self.v:
+            t[dst, :, :filled] = t[src, :, :filled]
+        self.valid[dst] = self.valid[src]
 
 
 # -------------------------------------------------------------------------------------- forward
@@ -241,35 +246,33 @@ def prefill(model: Transformer, cache: KVCache, ids: Tensor, positions: Tensor) 
 
 @torch.no_grad()
 def prefill_rows(model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]],
-                 offset: int = 0) -> Tensor:
-    """Run ``prompts`` (one per row of the empty ``cache``; lengths may differ) into the cache,
-    each ending at slot ``longest - 1`` (left padding stays empty and masked), at RoPE positions
-    from ``offset`` (the length of the cache's shared prefix, if it has one); logits
-    (B, vocab) of each prompt's last token. Prompts of one length go through the model
-    together, unpadded, so attention is plainly causal (:func:`forward_slots`); ``cache.length``
-    becomes the longest prompt's length."""
-    if cache.length:
-        raise ValueError("prefill_rows needs an empty cache")
+                 offset: int = 0, rows: Sequence[int] | None = None) -> Tensor:
+    """Run each prompt into its row of ``cache`` (``rows``; default 0, 1, ...) at slots
+    0 .. len - 1, at RoPE positions from ``offset`` (the length of the cache's shared prefix,
+    if it has one); the row's later slots are marked empty. Prompts of one length go through
+    the model together, unpadded, so attention is plainly causal (:func:`forward_slots`);
+    logits (len(prompts), vocab) of each prompt's last token. ``cache.length`` is not
+    changed: rows filled this way each have their own length."""
     device = model.embed_tokens.weight.device
-    longest = max(len(p) for p in prompts)
+    rows = range(len(prompts)) if rows is None else rows
     by_length: dict[int, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(row)
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
     logits = torch.empty(0)
-    for n, rows in by_length.items():
-        part = KVCache.allocate(model, len(rows), n)
+    for n, members in by_length.items():
+        part = KVCache.allocate(model, len(members), n)
         part.shared_k, part.shared_v = cache.shared_k, cache.shared_v
-        ids = torch.tensor([list(prompts[r]) for r in rows], device=device)
-        positions = torch.arange(offset, offset + n, device=device).expand(len(rows), n)
+        ids = torch.tensor([list(prompts[i]) for i in members], device=device)
+        positions = torch.arange(offset, offset + n, device=device).expand(len(members), n)
         out = forward_cached(model, part, ids, positions, last_only=True, causal=True)[:, -1]
         if not logits.numel():
             logits = out.new_empty(len(prompts), out.shape[-1])
-        index = torch.tensor(rows, device=device)
-        logits[index] = out
+        logits[torch.tensor(members, device=device)] = out
+        index = torch.tensor([rows[i] for i in members], device=device)
         for whole, piece in zip(cache.k + cache.v, part.k + part.v, strict=True):
-            whole[index, :, longest - n:longest] = piece
-        cache.valid[index, longest - n:longest] = True
-    cache.length = longest
+            whole[index, :, :n] = piece
+        cache.valid[index] = False
+        cache.valid[index, :n] = True
     return logits
 
 
@@ -348,12 +351,11 @@ def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingPara
     stops = set(stop_ids)
 
     def stream() -> Iterator[int]:
-        for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
-                                    generator, vocab_size, compile):
-            token = int(step[0])
-            if token in stops:
+        for _, tokens in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
+                                         generator, vocab_size, compile):
+            if tokens[0] in stops:
                 return
-            yield token
+            yield tokens[0]
 
     return stream()
 
@@ -362,34 +364,33 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
                    params: SamplingParams, *, stop_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None, vocab_size: int | None = None,
                    finished: Callable[[int, list[int]], bool] | None = None,
-                   include_stop: bool = False, compile: bool = False) -> list[list[int]]:
-    """New token ids for each prompt (lengths may differ; they are left-padded), decoded
-    together; each row stops on its own at a stop id (not included) or ``max_new_tokens``
-    (clipped so the longest prompt + new tokens fit in the context). ``finished(row, ids)``,
-    called after each new token of a row, ends that row when it returns True (a stop string
-    found in its text, say); the batch ends when every row has. Other arguments as in
-    :func:`generate`; ``include_stop``: a row ended by a stop id keeps it as its last token
-    (what RL fine-tuning must score: the token the policy drew)."""
+                   include_stop: bool = False, compile: bool = False,
+                   max_batch: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt (lengths may differ), decoded in one batch; each prompt
+    stops on its own at a stop id (not included) or ``max_new_tokens`` (clipped so the
+    longest prompt + new tokens fit in the context). ``finished(i, ids)``, called after each
+    new token of prompt i, ends it when it returns True (a stop string found in its text,
+    say). ``max_batch``: at most this many prompts decode at once, in the given order, each
+    one that ends handing its place to the next (continuous batching; None: all at once).
+    Other arguments as in :func:`generate`; ``include_stop``: a prompt ended by a stop id
+    keeps it as its last token (what RL fine-tuning must score: the token the policy drew)."""
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, params)
+    if max_batch is not None and max_batch < 1:
+        raise InputError(f"max_batch must be >= 1, got {max_batch}")
     out: list[list[int]] = [[] for _ in prompts]
-    ended = [False] * len(prompts)
-    device = model.embed_tokens.weight.device
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # tells the steps
+    done = [False] * len(prompts)  # tells the steps
     stops = set(stop_ids)
-    for step in _generate_steps(model, prompts, max_new_tokens, params, stop_ids, generator,
-                                vocab_size, compile, done):
-        for row, token in enumerate(step.tolist()):
-            if ended[row]:
-                continue
-            if token in stops:
-                ended[row] = True
+    for indices, tokens in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
+                                           generator, vocab_size, compile, done, max_batch):
+        for i, token in zip(indices, tokens, strict=True):
+            if token in stops:  # the steps end this prompt themselves
                 if include_stop:
-                    out[row].append(token)
+                    out[i].append(token)
                 continue
-            out[row].append(token)
-            if finished is not None and finished(row, out[row]):
-                ended[row] = done[row] = True
+            out[i].append(token)
+            if finished is not None and finished(i, out[i]):
+                done[i] = True
     return out
 
 
@@ -449,6 +450,7 @@ def prefix_cache(model: Transformer, prefix: Sequence[int]) -> KVCache:
     cache = KVCache.allocate(model, 1, max(len(prefix), 1))
     if prefix:
         prefill_rows(model, cache, [prefix])
+        cache.length = len(prefix)
     return cache
 
 
@@ -464,42 +466,91 @@ def _prefill_shared(model: Transformer, cache: KVCache, prefix: list[int]) -> No
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     params: SamplingParams, stop_ids: Sequence[int],
                     generator: torch.Generator | None, vocab_size: int | None, compile: bool,
-                    done: Tensor | None = None) -> Iterator[Tensor]:
-    """Yield next tokens (B,) per step until every row has hit a stop id or the length cap;
-    ``done`` (B,) bool, which the caller may set between steps, marks rows already ended. An
-    ended row leaves the running batch (its cache rows are dropped, so the remaining rows
-    decode faster); its entry in later steps is -1."""
+                    done: list[bool] | None = None, max_batch: int | None = None
+                    ) -> Iterator[tuple[list[int], list[int]]]:
+    """Yield, step by step, which prompts drew a token (indices) and the tokens, until every
+    prompt has drawn a stop id or ``max_new_tokens``; ``done`` (one flag per prompt), which
+    the caller may set between steps, ends prompts too.
+
+    Each prompt has a row of the cache to itself, filled from slot 0 (its RoPE position is
+    its slot, after a shared prefix). At most ``max_batch`` rows decode at once (None: every
+    prompt): a prompt that ends leaves the batch at once — the last row moves into its place,
+    so rows 0 .. A-1 stay in use and no step computes a finished prompt — and the next
+    waiting prompt is prefilled into the free row (continuous batching). A compiled step
+    keeps one static batch of every prompt instead: ended rows stay, their tokens unused.
+    """
     if max_new_tokens == 0:
         return
     device = model.embed_tokens.weight.device
+    done = [False] * len(prompts) if done is None else done
     shared = 0 if compile else _shared_prefix(prompts)  # a compiled step has no shared prefix
     rests = [p[shared:] for p in prompts]
-    longest = max(len(p) for p in rests)
+    width = len(prompts) if compile or max_batch is None else min(max_batch, len(prompts))
+    stops = set(stop_ids)
+    waiting = collections.deque(range(len(prompts)))
+    active: list[int] = []  # per cache row in use: its prompt,
+    lengths: list[int] = []  # the slots it has filled
+    drawn: list[list[int]] = []  # and the tokens it has drawn
+    live: list[bool] = []  # compiled only: the row's prompt has not ended
+    generator = generator if generator is not None else params.generator(device)
     with evaluating(model):
         # the last new token is never fed back, so it needs no slot
-        cache = KVCache.allocate(model, len(prompts), longest + max_new_tokens - 1)
+        cache = KVCache.allocate(model, width, max(map(len, rests)) + max_new_tokens - 1)
         if shared:
             _prefill_shared(model, cache, prompts[0][:shared])
-        logits = prefill_rows(model, cache, rests, shared)
-        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        if done is None:
-            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        active = torch.arange(len(prompts), device=device)  # batch rows still decoding
-        generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
-        pos = torch.tensor([shared + len(p) - 1 for p in rests], device=device)  # last ones
-        generator = generator if generator is not None else params.generator(device)
-        for step in range(max_new_tokens):
-            token = sample(logits, params, generator, generated[:, :step], vocab_size)
-            yield torch.full_like(done, -1, dtype=torch.long).index_copy_(0, active, token)
-            done[active] |= torch.isin(token, stops)
-            running = ~done[active]  # (A,) among the active rows
-            if step == max_new_tokens - 1 or not bool(running.any()):
-                return
-            generated[:, step] = token
-            if not bool(running.all()) and not compile:  # a compiled step keeps its shapes
-                keep = running.nonzero()[:, 0]
-                active, token, pos = active[keep], token[keep], pos[keep]
-                generated = generated[keep]
-                cache.keep_rows(keep)
-            pos = pos + 1
-            logits = decode_one_token(model, cache, token[:, None], pos, compile)
+        prefix = (None if cache.shared_k is None else
+                  list(zip(cache.shared_k, cache.shared_v, strict=True)))
+        logits = torch.empty(0)
+        while active or waiting:
+            if waiting and len(active) < width:
+                new = [waiting.popleft() for _ in range(min(width - len(active), len(waiting)))]
+                fresh = prefill_rows(model, cache, [rests[i] for i in new], shared,
+                                     range(len(active), len(active) + len(new)))
+                logits = torch.cat([logits, fresh]) if active else fresh
+                active += new
+                lengths += [len(rests[i]) for i in new]
+                drawn += [[] for _ in new]
+                live += [True] * len(new)
+            tokens = _draw(logits, params, generator, drawn, vocab_size)
+            yield ([i for i, on in zip(active, live, strict=True) if on],
+                   [t for t, on in zip(tokens, live, strict=True) if on])
+            for row, token in enumerate(tokens):
+                drawn[row].append(token)
+                live[row] = live[row] and not (token in stops or done[active[row]]
+                                               or len(drawn[row]) >= max_new_tokens)
+            if compile:
+                if not any(live):
+                    return
+            else:
+                for row in reversed(range(len(active))):  # the last row takes a free place
+                    if not live[row]:
+                        if row != len(active) - 1:
+                            cache.move_row(len(active) - 1, row, lengths[-1])
+                        for per_row in (active, lengths, drawn, live, tokens):
+                            per_row[row] = per_row[-1]
+                            per_row.pop()
+                if not active:
+                    continue
+            A = len(active)
+            ids = torch.tensor(tokens, device=device)[:, None]
+            slots = torch.tensor(lengths, device=device)[:, None]
+            if compile:  # the whole allocation: the same shapes every step
+                logits = _compiled_forward()(model, cache.k, cache.v, cache.valid, ids,
+                                             slots + shared, slots)[:, -1]
+            else:  # the filled slots only
+                end = max(lengths) + 1
+                logits = forward_slots(model, [k[:A, :, :end] for k in cache.k],
+                                       [v[:A, :, :end] for v in cache.v], cache.valid[:A, :end],
+                                       ids, slots + shared, slots, shared=prefix)[:, -1]
+            lengths = [n + 1 for n in lengths]
+
+
+def _draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+          drawn: list[list[int]], vocab_size: int | None) -> list[int]:
+    """Next token of every row from its logits (rows, vocab); ``drawn``: each row's tokens so
+    far, which a repetition penalty needs (rows of different lengths: drawn row by row)."""
+    if params.repetition_penalty == 1.0 or not any(drawn):
+        return sample(logits, params, generator, None, vocab_size).tolist()
+    return [int(sample(logits[row:row + 1], params, generator,
+                       torch.tensor([seen], device=logits.device) if seen else None,
+                       vocab_size)[0]) for row, seen in enumerate(drawn)]

@@ -2,7 +2,8 @@
 
 Each step the scheduler thread (1) runs queued scoring jobs, (2) frees the slots of cancelled
 requests, (3) admits queued requests into free slots of one preallocated multi-slot KV cache —
-their prompts prefilled together, each into its own slot, padding masked — and (4) decodes one
+each prompt prefilled into its own slot, those of one length together, unpadded
+(:func:`lmforge.inference.engine.prefill_rows`, as generation does) — and (4) decodes one
 token for every active slot in one batched forward, each row at its own position. A request
 leaves at its own stop condition and frees its slot at once. Active requests always occupy slots
 0..A-1 (a freed slot takes the last active row's cache), so a decode step reads a contiguous
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from lmforge.errors import InputError, LmforgeError
 from lmforge.inference import SamplingParams
-from lmforge.inference.engine import KVCache, forward_slots, sample
+from lmforge.inference.engine import KVCache, forward_slots, prefill_rows, sample
 from lmforge.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,8 @@ class Scheduler:
             self._decode()
 
     def _admit(self, streams: list[Stream]) -> None:
-        """Prefill the prompts of ``streams`` together, each into the next free slot (padded to
-        the longest; padding is masked out), and draw their first tokens."""
+        """Prefill the prompts of ``streams``, each into the next free slot (prompts of one
+        length together, :func:`prefill_rows`), and draw their first tokens."""
         rows = []
         for stream in streams:
             params = stream.params
@@ -301,21 +302,9 @@ class Scheduler:
         if not rows:
             return
         first, k = len(self.rows), len(rows)
-        longest = max(r.length for r in rows)
-        ids = torch.zeros(k, longest, dtype=torch.long, device=self.device)
-        positions = torch.arange(longest, device=self.device).repeat(k, 1)  # (k, T)
-        for i, r in enumerate(rows):
-            ids[i, :r.length] = torch.tensor(r.stream.prompt, device=self.device)
-            positions[i, r.length:] = -1  # padding: masked, and overwritten by later tokens
-        span = slice(first, first + k)
-        self.cache.valid[span] = False
         try:
-            logits = forward_slots(self.model, [c[span, :, :longest] for c in self.cache.k],
-                                   [c[span, :, :longest] for c in self.cache.v],
-                                   self.cache.valid[span, :longest], ids, positions,
-                                   torch.arange(longest, device=self.device),
-                                   logits_at=torch.tensor([r.length - 1 for r in rows],
-                                                          device=self.device))[:, 0]
+            logits = prefill_rows(self.model, self.cache, [r.stream.prompt for r in rows],
+                                  rows=range(first, first + k))
         except Exception:
             log.exception("a prefill failed")
             for r in rows:
@@ -372,10 +361,7 @@ class Scheduler:
         row = self.rows[slot]
         last = len(self.rows) - 1
         if slot != last:
-            for k, v in zip(self.cache.k, self.cache.v, strict=True):
-                k[slot] = k[last]
-                v[slot] = v[last]
-            self.cache.valid[slot] = self.cache.valid[last]
+            self.cache.move_row(last, slot, self.rows[last].length)
             self.rows[slot] = self.rows[last]
         self.rows.pop()
         row.stream._finish(reason)
