@@ -282,8 +282,10 @@ def test_continuous_batching_equals_one_by_one() -> None:
         seen.append(i)
         return i == 3 and len(ids) == 6  # the caller ends prompt 3 after six tokens
 
+    ends: list[int] = []
     out = generate_batch(model, prompts, greedy(14), stop_ids=(stop,), max_batch=2,
-                         finished=finished)
+                         finished=finished, on_end=ends.append)
+    assert sorted(ends) == [0, 1, 2, 3, 4]  # each prompt once, as it ends
     expected[3] = expected[3][:6]
     assert out == expected
     assert sorted(set(seen)) == [i for i, tokens in enumerate(out) if tokens]

@@ -71,17 +71,20 @@ class Env:
             tail = tok.decode(ids[-32:])  # a stop string ends within the last tokens
             return any(u in tail for u in until)
 
+        def ended(i: int) -> None:
+            if self.progress:
+                self.progress(1)
+
         for group in filter(None, groups):
             outs = generate_batch(self.model, [prompts[i] for i in group], params,
                                   stop_ids=stop_ids, vocab_size=tok.vocab_size,
-                                  finished=finished, max_batch=self.batch_size)
+                                  finished=finished, max_batch=self.batch_size,
+                                  on_end=ended)
             for i, ids in zip(group, outs, strict=True):
                 text = tok.decode(ids)
                 cut_at = min((at for at in (text.find(u) for u in until) if at >= 0),
                              default=len(text))
                 texts[i] = text[:cut_at]
-            if self.progress:
-                self.progress(len(group))
         return texts
 
 

@@ -365,32 +365,35 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
                    generator: torch.Generator | None = None, vocab_size: int | None = None,
                    finished: Callable[[int, list[int]], bool] | None = None,
                    include_stop: bool = False, compile: bool = False,
-                   max_batch: int | None = None) -> list[list[int]]:
+                   max_batch: int | None = None,
+                   on_end: Callable[[int], None] | None = None) -> list[list[int]]:
     """New token ids for each prompt (lengths may differ), decoded in one batch; each prompt
     stops on its own at a stop id (not included) or ``max_new_tokens`` (clipped so the
     longest prompt + new tokens fit in the context). ``finished(i, ids)``, called after each
     new token of prompt i, ends it when it returns True (a stop string found in its text,
     say). ``max_batch``: at most this many prompts decode at once, in the given order, each
-    one that ends handing its place to the next (continuous batching; None: all at once).
-    Other arguments as in :func:`generate`; ``include_stop``: a prompt ended by a stop id
-    keeps it as its last token (what RL fine-tuning must score: the token the policy drew)."""
+    one that ends handing its place to the next (continuous batching; None: all at once);
+    ``on_end(i)`` is called as prompt i ends (progress). Other arguments as in
+    :func:`generate`; ``include_stop``: a prompt ended by a stop id keeps it as its last token
+    (what RL fine-tuning must score: the token the policy drew)."""
     prompts = [list(p) for p in prompts]
     max_new_tokens = _check_inputs(model, prompts, params)
     if max_batch is not None and max_batch < 1:
         raise InputError(f"max_batch must be >= 1, got {max_batch}")
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)  # tells the steps
+    drawn = [0] * len(prompts)
     stops = set(stop_ids)
     for indices, tokens in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
                                            generator, vocab_size, compile, done, max_batch):
         for i, token in zip(indices, tokens, strict=True):
-            if token in stops:  # the steps end this prompt themselves
-                if include_stop:
-                    out[i].append(token)
-                continue
-            out[i].append(token)
-            if finished is not None and finished(i, out[i]):
+            drawn[i] += 1
+            if token not in stops or include_stop:
+                out[i].append(token)
+            if token not in stops and finished is not None and finished(i, out[i]):
                 done[i] = True
+            if on_end is not None and (token in stops or done[i] or drawn[i] == max_new_tokens):
+                on_end(i)  # as the steps end it
     return out
 
 
