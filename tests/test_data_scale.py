@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import pytest
 
 from lmforge.data import global_dedup, pipeline, process
 from lmforge.data.dedup import MinHasher, exact_key, near_duplicates
+from lmforge.data.executors import LocalExecutor
 from lmforge.data.filters import apply_filters
 from lmforge.data.manifest import load_manifest
 from lmforge.data.pipeline import DataConfig, normalize, prepare
 from lmforge.data.shards import Shard
 from lmforge.errors import TaskFailed
+from lmforge.files import atomic_path
 from lmforge.tokenizer import Tokenizer
 
 from .test_data_pipeline import prose
@@ -137,6 +140,29 @@ def _killing(at_chunks: int, marker: Path, real=process._process):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args)
     return work
+
+
+def _write_slowly_or_fail(folder: Path, task: int) -> None:
+    """Task 0 is still inside a file write when task 1 fails."""
+    if task == 1:
+        deadline = time.monotonic() + 30
+        while not list(folder.glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until task 0 has begun writing
+        raise RuntimeError("task 1 failed")
+    with atomic_path(folder / "chunk.npz") as tmp:
+        tmp.write_bytes(b"half")
+        time.sleep(120)
+
+
+def test_a_failed_task_stops_the_others_without_half_written_files(tmp_path):
+    """The pool's other tasks are stopped when one fails (as on Ctrl-C or SIGTERM): a file
+    one of them was writing is removed, not left as a temporary beside the finished ones."""
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="task 1 failed"):
+        LocalExecutor(2, progress=False).map(_write_slowly_or_fail, [(tmp_path, 0),
+                                                                    (tmp_path, 1)], "test")
+    assert list(tmp_path.iterdir()) == []
+    assert time.perf_counter() - started < 60  # stopped, not waited for
 
 
 def test_killed_worker_is_resumed_to_the_same_bytes(tmp_path, parts, tok_path, monkeypatch):

@@ -48,21 +48,24 @@ def terminate_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _worker_signals() -> None:
-    """In a pool worker: Ctrl-C is for the driver (which stops the pool), SIGTERM ends it."""
+    """In a pool worker: Ctrl-C is for the driver (which stops the pool). SIGTERM — the driver
+    stopping the pool after a failure or an interrupt — interrupts the running task, so the
+    file it was writing is removed (``atomic_path``), not left half-written beside the
+    finished ones."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 class _Bar:
