@@ -232,10 +232,11 @@ def test_generate_batch_rows_end_on_their_own_hook():
     assert cut[0] == full[0][:3] and cut[1] == full[1]
 
 
-def test_generation_runs_prompts_cut_from_the_left_apart(tokenizer, monkeypatch):
+def test_generation_keeps_shared_prefixes_shared(tokenizer, monkeypatch):
     """Questions after the same few-shot examples share their keys and values even when
     another prompt is too long and is cut from the left (losing the examples): it runs apart.
-    Two rows at a time, every text is what its prompt gets alone."""
+    Two prompts sampled three times each: each prompt's samples share it. Two rows at a time,
+    every text is what its prompt gets alone."""
     from lmforge.inference import engine
 
     model = tiny_model(vocab_size=tokenizer.vocab_size, context=64)
@@ -253,6 +254,13 @@ def test_generation_runs_prompts_cut_from_the_left_apart(tokenizer, monkeypatch)
                                                              ("zz",))
         assert text == alone[0]
     assert shared == [20]
+    shared.clear()
+    twice = [list(range(300, 330)), list(range(400, 425))]
+    texts = env.generate([p for p in twice for _ in range(3)], SamplingParams.greedy(8), ("zz",))
+    assert sorted(shared) == [24, 29]  # all but the last token, once per prompt
+    assert texts == [t for p in twice
+                     for t in Env(model, tokenizer, batch_size=1).generate(
+                         [p], SamplingParams.greedy(8), ("zz",)) * 3]
 
 
 # ---------------------------------------------------------------------------- end to end

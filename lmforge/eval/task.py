@@ -51,20 +51,23 @@ class Env:
         string (not included). At most half the model's context goes to new tokens; prompts
         are cut from the left to leave room for them. ``batch_size`` prompts decode at once,
         longest first (as lm-eval orders them), each one that ends handing its place to the
-        next (continuous batching)."""
+        next (continuous batching). Prompts that share a prefix (few-shot examples, one
+        prompt sampled n times), a batch of them or more, decode together apart from the rest,
+        so that the engine keeps that prefix once for all of them; a prompt cut from the left
+        has lost the examples the others start with and goes with the rest."""
         tok, context = self.tokenizer, self.model.config.context
         new = min(params.max_new_tokens, context // 2)
         params = replace(params, max_new_tokens=new)
-        cut = [len(p) > context - new for p in prompts]
         prompts = [p[-(context - new):] for p in prompts]
         stop_ids = [tok.special_tokens[s] for s in (ENDOFTEXT,) if s in tok.special_tokens]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        whole = [i for i in order if not cut[i]]
-        # A prompt cut from the left has lost the few-shot examples the others start with;
-        # decoded apart, it does not stop them sharing those examples' keys and values.
-        shares = (len(whole) > 1
-                  and common_prefix([prompts[i] for i in whole]) >= MIN_SHARED_PREFIX)
-        groups = [whole, [i for i in order if cut[i]]] if shares else [order]
+        runs: list[list[int]] = []  # neighbours in length order that share a prefix
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            if runs and common_prefix([prompts[runs[-1][0]], prompts[i]]) >= MIN_SHARED_PREFIX:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        groups = [run for run in runs if len(run) >= self.batch_size]
+        groups.append([i for run in runs if len(run) < self.batch_size for i in run])
         texts = [""] * len(prompts)
 
         def finished(i: int, ids: list[int]) -> bool:
