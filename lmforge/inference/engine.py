@@ -130,7 +130,8 @@ def forward_slots(model: Transformer, k_caches: list[Tensor], v_caches: list[Ten
     :class:`KVCache`), attended to by every query. ``causal``: the cache tensors given hold
     exactly these T tokens (slots 0 .. T-1, none padding), so query i sees slots 0 .. i (and
     all of ``shared``) — plain causal attention, no mask over the cache built (on the CPU,
-    causal attention also skips the blocks a mask would hide: prefill runs ~1.7× faster).
+    causal attention also skips the blocks a mask would hide: measured 1.7× faster attention
+    for 768-token prompts, 1.3× faster prefill).
     """
     per_row = slots.dim() == 2
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None]  # (B, 1)
@@ -382,18 +383,15 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]],
         raise InputError(f"max_batch must be >= 1, got {max_batch}")
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)  # tells the steps
-    drawn = [0] * len(prompts)
     stops = set(stop_ids)
     for indices, tokens in _generate_steps(model, prompts, max_new_tokens, params, stop_ids,
-                                           generator, vocab_size, compile, done, max_batch):
+                                           generator, vocab_size, compile, done, max_batch,
+                                           on_end):
         for i, token in zip(indices, tokens, strict=True):
-            drawn[i] += 1
             if token not in stops or include_stop:
                 out[i].append(token)
             if token not in stops and finished is not None and finished(i, out[i]):
                 done[i] = True
-            if on_end is not None and (token in stops or done[i] or drawn[i] == max_new_tokens):
-                on_end(i)  # as the steps end it
     return out
 
 
@@ -469,11 +467,12 @@ def _prefill_shared(model: Transformer, cache: KVCache, prefix: list[int]) -> No
 def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     params: SamplingParams, stop_ids: Sequence[int],
                     generator: torch.Generator | None, vocab_size: int | None, compile: bool,
-                    done: list[bool] | None = None, max_batch: int | None = None
+                    done: list[bool] | None = None, max_batch: int | None = None,
+                    on_end: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[list[int], list[int]]]:
     """Yield, step by step, which prompts drew a token (indices) and the tokens, until every
     prompt has drawn a stop id or ``max_new_tokens``; ``done`` (one flag per prompt), which
-    the caller may set between steps, ends prompts too.
+    the caller may set between steps, ends prompts too; ``on_end(i)`` as prompt i ends.
 
     Each prompt has a row of the cache to itself, filled from slot 0 (its RoPE position is
     its slot, after a shared prefix). At most ``max_batch`` rows decode at once (None: every
@@ -494,7 +493,7 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
     active: list[int] = []  # per cache row in use: its prompt,
     lengths: list[int] = []  # the slots it has filled
     drawn: list[list[int]] = []  # and the tokens it has drawn
-    live: list[bool] = []  # compiled only: the row's prompt has not ended
+    live: list[bool] = []  # the row's prompt has not ended (only a compiled batch keeps it)
     generator = generator if generator is not None else params.generator(device)
     with evaluating(model):
         # the last new token is never fed back, so it needs no slot
@@ -519,8 +518,11 @@ def _generate_steps(model: Transformer, prompts: list[list[int]], max_new_tokens
                    [t for t, on in zip(tokens, live, strict=True) if on])
             for row, token in enumerate(tokens):
                 drawn[row].append(token)
-                live[row] = live[row] and not (token in stops or done[active[row]]
-                                               or len(drawn[row]) >= max_new_tokens)
+                if live[row] and (token in stops or done[active[row]]
+                                  or len(drawn[row]) >= max_new_tokens):
+                    live[row] = False
+                    if on_end is not None:
+                        on_end(active[row])
             if compile:
                 if not any(live):
                     return
